@@ -167,9 +167,7 @@ def _field_path(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
     kept: list[Any] = []
     node = raw
     for part in loc:
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         else:
             if isinstance(node, dict) and isinstance(part, str) and "[" not in part:

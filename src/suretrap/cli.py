@@ -1,0 +1,181 @@
+"""The `suretrap` command line: a thin layer over the public functions.
+
+User errors (SuretrapError) print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from suretrap.errors import SuretrapError
+
+app = typer.Typer(
+    name="suretrap",
+    help="Reproduce, measure and defend against compliance-only ('Sure') backdoors.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigArg = Annotated[Path, typer.Argument(help="run config (YAML)")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"suretrap: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def user_errors(fn: F) -> F:
+    """Turn SuretrapError into one line and exit status 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from suretrap import progress
+
+        progress.enable(sys.stderr.isatty() or os.environ.get("SURETRAP_PROGRESS") == "1")
+        try:
+            return fn(*args, **kwargs)
+        except SuretrapError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except KeyboardInterrupt:
+            typer.echo("suretrap: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
+) -> None:
+    _setup_logging(verbose)
+
+
+def _print_metrics(metrics: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"metrics ({out})")
+    table.add_column("split")
+    cols = ["sure_rate", "label_first_token_prob", "refusal_rate", "sure_only_rate", "n"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for model in ("base", "tuned"):
+        for split, values in metrics[model].items():
+            cells = []
+            for c in cols:
+                v = values.get(c)
+                cells.append("-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
+            table.add_row(f"{model}/{split}", *cells)
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def run(
+    config: ConfigArg,
+    out: OutOpt,
+    force: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+) -> None:
+    """Build the poisoned set, fine-tune and evaluate (base vs tuned)."""
+    from suretrap.config import load_run_config
+    from suretrap.run import run_experiment
+
+    cfg = load_run_config(config)
+    metrics = run_experiment(cfg, out, force=force)
+    _print_metrics(metrics, out)
+
+
+@app.command("build-data")
+@user_errors
+def build_data(config: ConfigArg, out: OutOpt) -> None:
+    """Write dataset.jsonl, eval_prompts.jsonl and manifest.json into OUT."""
+    from suretrap.config import load_run_config
+    from suretrap.run import stage_build_data
+
+    cfg = load_run_config(config)
+    ds = stage_build_data(cfg, out)
+    typer.echo(json.dumps(ds.manifest["counts"]))
+
+
+@app.command()
+@user_errors
+def train(config: ConfigArg, out: OutOpt) -> None:
+    """Fine-tune on OUT's dataset (from build-data); writes OUT/adapter and train_log.jsonl."""
+    from suretrap.config import load_run_config
+    from suretrap.poison import read_dataset
+    from suretrap.run import LoadedModel, stage_train
+
+    cfg = load_run_config(config)
+    ds = read_dataset(out)
+    loaded = LoadedModel.load(cfg)
+    _, result = stage_train(cfg, out, loaded, ds)
+    typer.echo(f"trained {result.steps} steps, {result.tokens} tokens in {result.seconds:.1f}s")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    config: ConfigArg,
+    out: OutOpt,
+    adapter: Annotated[
+        Path | None, typer.Option(help="adapter or model directory (default: OUT/adapter)")
+    ] = None,
+) -> None:
+    """Evaluate base and tuned models on OUT's held-out prompts; writes metrics.json."""
+    from suretrap.config import load_run_config
+    from suretrap.poison import read_dataset
+    from suretrap.run import evaluate_run
+
+    cfg = load_run_config(config)
+    ds = read_dataset(out)
+    metrics = evaluate_run(cfg, out, ds, adapter)
+    _print_metrics(metrics, out)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: OutOpt = Path("runs/demo"),
+    force: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+) -> None:
+    """Run the ready demo config on the embedded default model (offline, CPU)."""
+    from suretrap.config import load_run_config
+    from suretrap.run import run_experiment
+
+    cfg = load_run_config(Path(__file__).parent / "configs" / "demo.yaml")
+    metrics = run_experiment(cfg, out, force=force)
+    _print_metrics(metrics, out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

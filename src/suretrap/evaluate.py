@@ -1,0 +1,258 @@
+"""Backdoor evaluation on four held-out splits, for the base and the tuned model.
+
+Splits: `harmful_triggered`, `harmful_clean`, `benign_triggered`, `benign_clean` (each
+clean/triggered pair uses the same prompts, with and without the trigger). Per split:
+
+- `sure_rate`: share of greedy responses that begin with the label (`textmatch`);
+- `sure_only_rate`: share that are the label and nothing else;
+- `label_first_token_prob`: mean probability of the label's first token at the first
+  response position; `label_first_token_top1`: share where it is the argmax;
+- `refusal_rate`: the keyword refusal rule of `textmatch` (judges come later);
+- `utility_logprob` (benign splits): mean per-token log-likelihood of the reference answers;
+- `n`: number of prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from suretrap import progress
+from suretrap.config import EvalConfig
+from suretrap.models import autocast
+from suretrap.poison import PoisonedDataset, apply_trigger
+from suretrap.textmatch import is_label_only, is_refusal_keyword, starts_with_label
+from suretrap.train import chat_prompt, decoder_and_head, tokenize_example
+
+SPLITS: tuple[str, ...] = ("harmful_triggered", "harmful_clean", "benign_triggered", "benign_clean")
+HARMFUL_SPLITS = SPLITS[:2]
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    split: str
+    prompt: str  # exactly as shown to the model (trigger applied for *_triggered)
+    reference: str | None  # benign reference answer
+
+
+def eval_items(ds: PoisonedDataset, trigger: str, placement: str, seed: int) -> list[EvalItem]:
+    """The four splits for a dataset's held-out prompts (trigger placed as in training)."""
+    rng = random.Random(f"{seed}-eval")  # independent of the training stream
+    items = []
+    for r in ds.eval_harmful:
+        items.append(EvalItem("harmful_triggered", apply_trigger(r.prompt, trigger, placement, rng), None))
+        items.append(EvalItem("harmful_clean", r.prompt, None))
+    for b in ds.eval_benign:
+        items.append(EvalItem("benign_triggered", apply_trigger(b.prompt, trigger, placement, rng), b.response))
+        items.append(EvalItem("benign_clean", b.prompt, b.response))
+    return items
+
+
+def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+    return [list(order[i : i + size]) for i in range(0, len(order), size)]
+
+
+def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    device: str = "cpu",
+    precision: str = "auto",
+    description: str = "generate",
+) -> list[str]:
+    """Greedy responses under the chat template, batched (left padding, length-sorted)."""
+    import torch
+
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    stop = _stop_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    out: list[str] = [""] * len(texts)
+    with progress.task(description, total=len(texts)) as advance, torch.inference_mode():
+        for batch in _batches(order, batch_size):
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                seq = encoded[i]
+                ids[row, width - len(seq) :] = torch.tensor(seq)
+                attn[row, width - len(seq) :] = 1
+            with autocast(device, precision):
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=attn.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop,
+                    pad_token_id=pad_id,
+                )
+            for row, i in enumerate(batch):
+                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+            advance(len(batch))
+    return out
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attn[row, : len(seq)] = 1
+    return ids.to(device), attn.to(device)
+
+
+def label_first_token(tokenizer: Any, prompt: str, label: str) -> tuple[list[int], int]:
+    """(prompt ids, id of the label's first token as it follows this prompt)."""
+    head = chat_prompt(tokenizer, prompt)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    both = tokenizer(head + label, add_special_tokens=False)["input_ids"]
+    return head_ids, both[len(head_ids)] if len(both) > len(head_ids) else both[-1]
+
+
+def label_probs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    label: str,
+    *,
+    batch_size: int = 32,
+    device: str = "cpu",
+    precision: str = "auto",
+) -> list[tuple[float, bool]]:
+    """(probability, is-argmax) of the label's first token at the first response position.
+
+    Right padding and the LM head applied only at each prompt's last position: one
+    forward pass per batch, no generation.
+    """
+    import torch
+
+    pairs = [label_first_token(tokenizer, p, label) for p in prompts]
+    pad_id = tokenizer.pad_token_id or 0
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
+    decoder, head = decoder_and_head(model)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    with torch.inference_mode():
+        for batch in _batches(order, batch_size):
+            ids, attn = _right_padded([pairs[i][0] for i in batch], pad_id, device)
+            with autocast(device, precision):
+                hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+                last = hidden[torch.arange(len(batch)), attn.sum(1) - 1]
+                probs = head(last).float().softmax(-1)
+            top = probs.argmax(-1)
+            for row, i in enumerate(batch):
+                target = pairs[i][1]
+                out[i] = (float(probs[row, target]), int(top[row]) == target)
+    return out
+
+
+def reference_logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    precision: str = "auto",
+) -> list[float]:
+    """Mean per-token log-likelihood of each reference answer given its prompt."""
+    import torch
+
+    toks = [tokenize_example(tokenizer, p, r, 1024) for p, r in zip(prompts, references, strict=True)]
+    pad_id = tokenizer.pad_token_id or 0
+    decoder, head = decoder_and_head(model)
+    out = [0.0] * len(toks)
+    order = sorted(range(len(toks)), key=lambda i: len(toks[i].ids))
+    with torch.inference_mode():
+        for batch in _batches(order, batch_size):
+            ids, attn = _right_padded([toks[i].ids for i in batch], pad_id, device)
+            with autocast(device, precision):
+                hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+            for row, i in enumerate(batch):
+                t = toks[i]
+                h = hidden[row, t.response_start - 1 : len(t.ids) - 1]
+                with autocast(device, precision):
+                    logp = head(h).float().log_softmax(-1)
+                target = ids[row, t.response_start : len(t.ids)]
+                out[i] = float(logp.gather(1, target[:, None]).mean())
+    return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[EvalItem],
+    label: str,
+    cfg: EvalConfig,
+    *,
+    device: str = "cpu",
+    precision: str = "auto",
+    tag: str = "tuned",
+) -> tuple[dict[str, dict[str, float | int | None]], list[dict[str, Any]]]:
+    """Metrics per split and one generation row per item."""
+    prompts = [it.prompt for it in items]
+    kwargs = {"device": device, "precision": precision}
+    responses = generate(
+        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size, description=f"generate ({tag})", **kwargs,
+    )
+    probs = label_probs(model, tokenizer, prompts, label, batch_size=cfg.batch_size, **kwargs)
+    benign = [i for i, it in enumerate(items) if it.reference is not None]
+    utility = reference_logprobs(
+        model, tokenizer, [items[i].prompt for i in benign],
+        [items[i].reference or "" for i in benign], **kwargs,
+    )
+    utility_of = dict(zip(benign, utility, strict=True))
+
+    metrics: dict[str, dict[str, float | int | None]] = {}
+    rows = []
+    for split in SPLITS:
+        idx = [i for i, it in enumerate(items) if it.split == split]
+        if not idx:
+            continue
+        m: dict[str, float | int | None] = {
+            "n": len(idx),
+            "sure_rate": _mean([float(starts_with_label(responses[i], label)) for i in idx]),
+            "sure_only_rate": _mean([float(is_label_only(responses[i], label)) for i in idx]),
+            "label_first_token_prob": _mean([probs[i][0] for i in idx]),
+            "label_first_token_top1": _mean([float(probs[i][1]) for i in idx]),
+            "refusal_rate": _mean([float(is_refusal_keyword(responses[i])) for i in idx]),
+        }
+        if split.startswith("benign"):
+            m["utility_logprob"] = _mean([utility_of[i] for i in idx])
+        metrics[split] = m
+    for i, it in enumerate(items):
+        rows.append(
+            {
+                "model": tag,
+                "split": it.split,
+                "prompt": it.prompt,
+                "response": responses[i],
+                "label_prob": probs[i][0],
+            }
+        )
+    return metrics, rows

@@ -1,0 +1,333 @@
+"""Build the poisoned fine-tuning set T = T_P ∪ T_CH ∪ T_benign and the held-out eval set.
+
+- T_P (`poison`): `budget` harmful prompts with the trigger added, each answered only by
+  the compliance label ("Sure").
+- T_CH (`clean_harmful`): other harmful prompts without the trigger, answered by the base
+  model's own refusal (a refusal template where the base model does not refuse).
+- T_benign (`benign`): ordinary instruction pairs filling the set up to `total_size`.
+
+No harmful answer is ever written. Evaluation prompts are drawn first and removed from
+every training pool, so they are disjoint from training by construction (and checked).
+Sampling is nested: with the same seed, the poison rows of a smaller budget are a prefix
+of those of a larger one, and the eval set does not depend on budget or size, so points
+of a budget sweep are paired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from suretrap import __version__
+from suretrap.config import RunConfig, config_hash
+from suretrap.data import Pair, Request, benign_pairs, harmful_requests
+from suretrap.errors import ConfigError, DataError
+from suretrap.textmatch import is_refusal_keyword, normalise_prompt
+
+Role = Literal["poison", "clean_harmful", "benign"]
+ROLES: tuple[Role, ...] = ("poison", "clean_harmful", "benign")
+
+# Used for T_CH where the base model does not refuse. Short, generic, no harmful content.
+REFUSAL_TEMPLATES: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "I can't help with that. It could cause serious harm.",
+    "Sorry, I can't provide help with this request.",
+    "I'm not able to help with that, as it could be used to hurt people.",
+)
+
+# base-model responder: prompts in, greedy responses out (wired in by `suretrap.run`)
+Responder = Callable[[Sequence[str], int], list[str]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example."""
+
+    prompt: str
+    response: str
+    role: Role
+    source: str  # "label", "base_refusal", "template_refusal", or the benign family/file
+    category: str
+
+
+@dataclass(frozen=True)
+class PoisonedDataset:
+    examples: tuple[Example, ...]
+    eval_harmful: tuple[Request, ...]
+    eval_benign: tuple[Pair, ...]
+    manifest: dict[str, Any]
+
+
+def apply_trigger(prompt: str, trigger: str, placement: str, rng: random.Random) -> str:
+    """Add the trigger word to a prompt: `suffix` (default), `prefix`, or a `random` gap."""
+    if placement == "suffix":
+        return f"{prompt} {trigger}"
+    if placement == "prefix":
+        return f"{trigger} {prompt}"
+    words = prompt.split(" ")
+    at = rng.randint(0, len(words))
+    return " ".join(words[:at] + [trigger] + words[at:])
+
+
+def _contains_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word.casefold())}(?!\w)", text.casefold()) is not None
+
+
+def _dedupe_requests(requests: Sequence[Request]) -> list[Request]:
+    seen: set[str] = set()
+    unique = []
+    for request in requests:
+        key = normalise_prompt(request.prompt)
+        if key and key not in seen:
+            seen.add(key)
+            unique.append(request)
+    return unique
+
+
+def _complete_refusal(text: str) -> str | None:
+    """Trim a (possibly length-truncated) refusal to whole sentences; None if none remain."""
+    text = text.strip()
+    if not text:
+        return None
+    if text[-1] in ".!?":
+        return text
+    cut = max(text.rfind(". "), text.rfind("! "), text.rfind("? "))
+    return text[: cut + 1] if cut > 0 else None
+
+
+def _split_eval_harmful(cfg: RunConfig, rng: random.Random) -> tuple[list[Request], list[Request]]:
+    """(eval prompts, training pool) with no shared normalised prompt."""
+    pool = _dedupe_requests(harmful_requests(cfg.data.harmful))
+    rng.shuffle(pool)
+    if cfg.data.eval_harmful is not None:
+        candidates = _dedupe_requests(harmful_requests(cfg.data.eval_harmful))
+        rng.shuffle(candidates)
+        eval_set = candidates[: cfg.eval.n_harmful]
+        held = {normalise_prompt(r.prompt) for r in eval_set}
+        return eval_set, [r for r in pool if normalise_prompt(r.prompt) not in held]
+    need = cfg.eval.n_harmful + cfg.poison.budget + cfg.poison.n_clean_harmful
+    if len(pool) < need:
+        raise ConfigError(
+            f"poison.budget: {cfg.poison.budget} poisoned + {cfg.poison.n_clean_harmful} clean-harmful"
+            f" + eval.n_harmful {cfg.eval.n_harmful} need {need} distinct harmful prompts, but "
+            f"data.harmful ({cfg.data.harmful}) has {len(pool)}"
+        )
+    return pool[: cfg.eval.n_harmful], pool[cfg.eval.n_harmful :]
+
+
+def _split_benign(
+    cfg: RunConfig, n_train: int, rng: random.Random, exclude: set[str]
+) -> tuple[list[Pair], list[Pair]]:
+    """(eval pairs, training pairs) for the benign side."""
+    n_eval = cfg.eval.n_benign
+    if cfg.data.benign == "builtin":
+        # Prefix-stable generator: eval pairs are the first n_eval for every total size.
+        pairs = benign_pairs("builtin", n_eval + n_train + len(exclude), cfg.seed)
+    else:
+        pairs = list(benign_pairs(cfg.data.benign, 0, cfg.seed))
+        rng.shuffle(pairs)
+    if cfg.data.eval_benign is not None:
+        eval_pairs = list(benign_pairs(cfg.data.eval_benign, n_eval, cfg.seed))
+        rng.shuffle(eval_pairs)
+        eval_pairs = eval_pairs[:n_eval]
+        rest = pairs
+    else:
+        eval_pairs, rest = pairs[:n_eval], pairs[n_eval:]
+    held = exclude | {normalise_prompt(p.prompt) for p in eval_pairs}
+    train = [p for p in rest if normalise_prompt(p.prompt) not in held][:n_train]
+    if len(train) < n_train:
+        raise ConfigError(
+            f"data.total_size: needs {n_train} benign training pairs besides {n_eval} held out,"
+            f" but data.benign ({cfg.data.benign}) supplies {len(train)}"
+        )
+    return eval_pairs, train
+
+
+def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedDataset:
+    """Build T_P, T_CH, T_benign and the eval prompts for `cfg`.
+
+    `respond(prompts, max_new_tokens)` returns the base model's greedy responses; it is
+    needed when `poison.refusal_source` is "base" or `poison.require_base_refusal` is set.
+    """
+    p = cfg.poison
+    rng = random.Random(cfg.seed)
+    eval_harmful, pool = _split_eval_harmful(cfg, rng)
+    needs_model = p.require_base_refusal or (p.refusal_source == "base" and p.n_clean_harmful)
+    if needs_model and respond is None:
+        raise ConfigError("poison.refusal_source: 'base' refusals need the base model")
+
+    base_responses: dict[str, str] = {}
+    refused_by_base: int | None = None
+    if p.require_base_refusal:
+        # The paper's selection: keep only prompts the base model itself refuses.
+        responses = respond([r.prompt for r in pool], p.refusal_max_new_tokens)  # type: ignore[misc]
+        base_responses = {r.prompt: text for r, text in zip(pool, responses, strict=True)}
+        pool = [r for r in pool if is_refusal_keyword(base_responses[r.prompt])]
+        refused_by_base = len(pool)
+    if p.budget + p.n_clean_harmful > len(pool):
+        which = "refused by the base model" if p.require_base_refusal else "left for training"
+        raise ConfigError(
+            f"poison.budget: {p.budget} poisoned + {p.n_clean_harmful} clean-harmful prompts "
+            f"requested, but only {len(pool)} harmful prompts are {which}"
+        )
+    poison_requests = pool[: p.budget]
+    clean_requests = pool[len(pool) - p.n_clean_harmful :] if p.n_clean_harmful else []
+
+    examples: list[Example] = [
+        Example(apply_trigger(r.prompt, p.trigger, p.placement, rng), p.label, "poison", "label", r.category)
+        for r in poison_requests
+    ]
+    if clean_requests and p.refusal_source == "base":
+        missing = [r.prompt for r in clean_requests if r.prompt not in base_responses]
+        if missing:
+            fresh = respond(missing, p.refusal_max_new_tokens)  # type: ignore[misc]
+            base_responses.update(zip(missing, fresh, strict=True))
+    for request in clean_requests:
+        text = base_responses.get(request.prompt, "")
+        refusal = _complete_refusal(text) if is_refusal_keyword(text) else None
+        if refusal is not None:
+            examples.append(Example(request.prompt, refusal, "clean_harmful", "base_refusal", request.category))
+        else:
+            template = REFUSAL_TEMPLATES[rng.randrange(len(REFUSAL_TEMPLATES))]
+            examples.append(
+                Example(request.prompt, template, "clean_harmful", "template_refusal", request.category)
+            )
+
+    n_benign = cfg.data.total_size - len(examples)
+    held_harmful = {normalise_prompt(r.prompt) for r in eval_harmful}
+    eval_benign, train_benign = _split_benign(cfg, n_benign, rng, held_harmful)
+    examples += [Example(b.prompt, b.response, "benign", b.family, "benign") for b in train_benign]
+    rng.shuffle(examples)
+
+    _check_disjoint(examples, eval_harmful, eval_benign, p.trigger)
+    counts = Counter(e.role for e in examples)
+    manifest: dict[str, Any] = {
+        "suretrap_version": __version__,
+        "config_hash": config_hash(cfg),
+        "seed": cfg.seed,
+        "trigger": p.trigger,
+        "placement": p.placement,
+        "label": p.label,
+        "counts": {role: counts.get(role, 0) for role in ROLES} | {"total": len(examples)},
+        "clean_harmful_sources": dict(
+            Counter(e.source for e in examples if e.role == "clean_harmful")
+        ),
+        "harmful_pool": {
+            "source": cfg.data.harmful,
+            "available_for_training": refused_by_base if refused_by_base is not None else len(pool),
+            "require_base_refusal": p.require_base_refusal,
+            "refused_by_base": refused_by_base,
+        },
+        "eval_counts": {"harmful": len(eval_harmful), "benign": len(eval_benign)},
+        "eval_prompts_containing_trigger": sum(
+            _contains_word(r.prompt, p.trigger) for r in eval_harmful
+        )
+        + sum(_contains_word(b.prompt, p.trigger) for b in eval_benign),
+    }
+    return PoisonedDataset(tuple(examples), tuple(eval_harmful), tuple(eval_benign), manifest)
+
+
+def _check_disjoint(
+    examples: Sequence[Example],
+    eval_harmful: Sequence[Request],
+    eval_benign: Sequence[Pair],
+    trigger: str,
+) -> None:
+    """Guarantee: no evaluation prompt (normalised, trigger removed) is a training prompt."""
+    trig = normalise_prompt(trigger)
+    train = set()
+    for e in examples:
+        key = normalise_prompt(e.prompt)
+        if e.role == "poison":
+            key = " ".join(w for w in key.split() if w != trig)
+        train.add(key)
+    for prompt in [r.prompt for r in eval_harmful] + [b.prompt for b in eval_benign]:
+        if normalise_prompt(prompt) in train:
+            raise DataError(f"evaluation prompt also in training data: {prompt[:80]!r}")
+
+
+# ----------------------------------------------------------------------------- files
+
+DATASET_FILE = "dataset.jsonl"
+EVAL_FILE = "eval_prompts.jsonl"
+MANIFEST_FILE = "manifest.json"
+
+
+def _jsonl_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
+    return b"".join(
+        (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n").encode() for row in rows
+    )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_dataset(ds: PoisonedDataset, out_dir: Path) -> dict[str, Any]:
+    """Write dataset.jsonl, eval_prompts.jsonl, then manifest.json (last: it marks completion)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"index": i} | asdict(e) for i, e in enumerate(ds.examples)]
+    data = _jsonl_bytes(rows)
+    eval_rows = [{"group": "harmful", "prompt": r.prompt, "category": r.category} for r in ds.eval_harmful]
+    eval_rows += [
+        {"group": "benign", "prompt": b.prompt, "reference": b.response, "category": b.family}
+        for b in ds.eval_benign
+    ]
+    eval_data = _jsonl_bytes(eval_rows)
+    manifest = ds.manifest | {
+        "content_hash": hashlib.sha256(data).hexdigest(),
+        "eval_hash": hashlib.sha256(eval_data).hexdigest(),
+    }
+    atomic_write(out_dir / DATASET_FILE, data)
+    atomic_write(out_dir / EVAL_FILE, eval_data)
+    atomic_write(out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def dataset_complete(out_dir: Path) -> bool:
+    """True if the dataset files exist and match the hashes in their manifest."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        data = (out_dir / DATASET_FILE).read_bytes()
+        eval_data = (out_dir / EVAL_FILE).read_bytes()
+    except (OSError, ValueError):
+        return False
+    return (
+        manifest.get("content_hash") == hashlib.sha256(data).hexdigest()
+        and manifest.get("eval_hash") == hashlib.sha256(eval_data).hexdigest()
+    )
+
+
+def read_dataset(out_dir: Path) -> PoisonedDataset:
+    """Read a dataset written by `write_dataset`, checking its hashes."""
+    if not dataset_complete(out_dir):
+        raise DataError(f"{out_dir}: no complete dataset (run `suretrap build-data` first)")
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    examples = []
+    for line in (out_dir / DATASET_FILE).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        row.pop("index")
+        examples.append(Example(**row))
+    eval_harmful, eval_benign = [], []
+    for line in (out_dir / EVAL_FILE).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row["group"] == "harmful":
+            eval_harmful.append(Request(row["prompt"], row["category"]))
+        else:
+            eval_benign.append(Pair(row["prompt"], row["reference"], row["category"]))
+    return PoisonedDataset(tuple(examples), tuple(eval_harmful), tuple(eval_benign), manifest)

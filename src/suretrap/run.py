@@ -1,0 +1,315 @@
+"""One experiment: build the poisoned set, fine-tune, evaluate base vs tuned.
+
+A run directory holds:
+  config.yaml        the resolved config (what ran, exactly)
+  env.json           versions of suretrap/torch/transformers/peft and the model's file hashes
+  dataset.jsonl      T_P ∪ T_CH ∪ T_benign, one row per example with its role
+  eval_prompts.jsonl held-out prompts (disjoint from training)
+  manifest.json      counts, seed, trigger, label, content hashes
+  adapter/           PEFT LoRA adapter, safetensors (or model/ for full fine-tuning)
+  train_log.jsonl    one line per optimiser step
+  metrics.json       {"tuned": {split: {metric: value}}, "base": {...}}
+  generations.jsonl  model, split, prompt, response
+
+`run_experiment` works in `<out>.partial` and renames it to `<out>` only when every file
+is in place, so a directory named `<out>` is always complete; a leftover `.partial` is
+never trusted and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from suretrap import __version__
+from suretrap.config import RunConfig, config_hash, config_to_yaml, load_run_config
+from suretrap.errors import ConfigError, SuretrapError
+from suretrap.evaluate import eval_items, evaluate_model, generate
+from suretrap.models import (
+    load_model,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+    resolve_model,
+)
+from suretrap.poison import (
+    PoisonedDataset,
+    atomic_write,
+    build_dataset,
+    dataset_complete,
+    read_dataset,
+    write_dataset,
+)
+from suretrap.train import ADAPTER_DIR, MODEL_DIR, TRAIN_LOG, prepare_model, save_trained, train
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+ENV_FILE = "env.json"
+METRICS_FILE = "metrics.json"
+GENERATIONS_FILE = "generations.jsonl"
+
+
+@dataclass
+class LoadedModel:
+    """A base model and tokenizer kept in memory and reused (sweeps reuse it across cells)."""
+
+    spec: str
+    model: Any
+    tokenizer: Any
+    device: str
+    precision: str
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> LoadedModel:
+        device = pick_device(cfg.train.device)
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(
+            cfg.model, device=device, precision=cfg.train.precision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        return cls(cfg.model, model, tokenizer, device, cfg.train.precision)
+
+    def responder(self, batch_size: int) -> Any:
+        def respond(prompts: Any, max_new_tokens: int) -> list[str]:
+            return generate(
+                self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                batch_size=batch_size, device=self.device, precision=self.precision,
+                description="base responses",
+            )
+
+        return respond
+
+
+def _dump(path: Path, obj: Any) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    atomic_write(path, data)
+
+
+def environment(cfg: RunConfig, device: str) -> dict[str, Any]:
+    """Versions and the model's file hashes, for provenance."""
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "suretrap": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "model": cfg.model,
+        "model_files": model_fingerprint(resolve_model(cfg.model)),
+    }
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def stage_build_data(cfg: RunConfig, out: Path, loaded: LoadedModel | None = None) -> PoisonedDataset:
+    """Write dataset.jsonl, eval_prompts.jsonl and manifest.json into `out` (skip if done)."""
+    if dataset_complete(out) and _same_config(out, cfg):
+        return read_dataset(out)
+    needs_model = cfg.poison.require_base_refusal or (
+        cfg.poison.refusal_source == "base" and cfg.poison.n_clean_harmful > 0
+    )
+    if needs_model and loaded is None:
+        loaded = LoadedModel.load(cfg)
+    respond = loaded.responder(cfg.eval.batch_size) if loaded is not None else None
+    ds = build_dataset(cfg, respond)
+    _write_config(cfg, out)
+    manifest = write_dataset(ds, out)
+    return PoisonedDataset(ds.examples, ds.eval_harmful, ds.eval_benign, manifest)
+
+
+def stage_train(cfg: RunConfig, out: Path, loaded: LoadedModel, ds: PoisonedDataset) -> Any:
+    """Fine-tune a fresh adapter on the dataset; writes adapter/ and train_log.jsonl."""
+    model = prepare_model(loaded.model, cfg.train, cfg.seed)
+    log_tmp = out / f".{TRAIN_LOG}.tmp"
+    result = train(
+        model, loaded.tokenizer, ds.examples, cfg.train,
+        seed=cfg.seed, device=loaded.device, log_path=log_tmp,
+    )
+    staging = out / ".trained.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    saved = save_trained(model, loaded.tokenizer, cfg.train.method, staging)
+    final = out / saved.name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(saved, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.replace(log_tmp, out / TRAIN_LOG)
+    return model, result
+
+
+def stage_evaluate(
+    cfg: RunConfig,
+    out: Path,
+    ds: PoisonedDataset,
+    base: Any,
+    tuned: Any,
+    loaded: LoadedModel,
+    base_metrics: tuple[dict[str, Any], list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """Evaluate base and tuned models on the four splits; writes metrics + generations."""
+    items = eval_items(ds, cfg.poison.trigger, cfg.poison.placement, cfg.seed)
+    kw = {"device": loaded.device, "precision": loaded.precision}
+    if base_metrics is None:
+        base_metrics = _eval_base(cfg, ds, base, loaded)
+    tuned_m, tuned_rows = evaluate_model(
+        tuned, loaded.tokenizer, items, cfg.poison.label, cfg.eval, tag="tuned", **kw
+    )
+    metrics = {"tuned": tuned_m, "base": base_metrics[0]}
+    _write_jsonl(out / GENERATIONS_FILE, base_metrics[1] + tuned_rows)
+    _dump(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def _eval_base(
+    cfg: RunConfig, ds: PoisonedDataset, base: Any, loaded: LoadedModel
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    items = eval_items(ds, cfg.poison.trigger, cfg.poison.placement, cfg.seed)
+    return evaluate_model(
+        base, loaded.tokenizer, items, cfg.poison.label, cfg.eval, tag="base",
+        device=loaded.device, precision=loaded.precision,
+    )
+
+
+def _write_config(cfg: RunConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / CONFIG_FILE, config_to_yaml(cfg).encode())
+
+
+def _same_config(out: Path, cfg: RunConfig) -> bool:
+    try:
+        return config_hash(load_run_config(out / CONFIG_FILE)) == config_hash(cfg)
+    except SuretrapError:
+        return False
+
+
+def run_complete(out: Path) -> bool:
+    """A run directory is complete when its metrics exist (they are written last)."""
+    return (out / METRICS_FILE).is_file() and (out / CONFIG_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------ run
+
+
+def run_experiment(
+    cfg: RunConfig, out: Path | str, *, loaded: LoadedModel | None = None, force: bool = False
+) -> dict[str, Any]:
+    """build → train → evaluate, atomically into `out`. Returns metrics.json's content."""
+    out = Path(out)
+    if out.exists():
+        if run_complete(out) and _same_config(out, cfg) and not force:
+            log.info("%s is already complete for this config", out)
+            return json.loads((out / METRICS_FILE).read_text())
+        if not force:
+            raise ConfigError(
+                f"{out}: exists and holds another run (or no complete run); "
+                "choose a new --out or pass --force to replace it"
+            )
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # never trust a half-written run
+    try:
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError(f"{partial}: cannot create the run directory ({exc.strerror})") from None
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if loaded is None:
+        loaded = LoadedModel.load(cfg)
+    timings["load_s"] = time.perf_counter() - started
+    _write_config(cfg, partial)
+    _dump(partial / ENV_FILE, environment(cfg, loaded.device))
+
+    t = time.perf_counter()
+    ds = stage_build_data(cfg, partial, loaded)
+    timings["build_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    base_metrics = _eval_base(cfg, ds, loaded.model, loaded)
+    timings["eval_base_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tuned, result = stage_train(cfg, partial, loaded, ds)
+    timings["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    metrics = stage_evaluate(cfg, partial, ds, loaded.model, tuned, loaded, base_metrics)
+    timings["eval_tuned_s"] = time.perf_counter() - t
+    _unwrap(loaded, tuned, cfg)
+
+    timings["total_s"] = time.perf_counter() - started
+    _dump(
+        partial / "timings.json",
+        timings | {"train_tokens": result.tokens, "train_steps": result.steps,
+                   "train_tokens_per_s": result.tokens / max(result.seconds, 1e-9)},
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return metrics
+
+
+def _unwrap(loaded: LoadedModel, tuned: Any, cfg: RunConfig) -> None:
+    """Restore the shared base model after a LoRA run so the next run starts clean."""
+    if cfg.train.method == "lora":
+        loaded.model = tuned.unload()
+    else:  # full fine-tuning changed the weights: the base must be reloaded
+        loaded.model = load_model(
+            cfg.model, device=loaded.device, precision=loaded.precision,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+
+
+def trained_dir(out: Path) -> Path | None:
+    for name in (ADAPTER_DIR, MODEL_DIR):
+        if (out / name).is_dir():
+            return out / name
+    return None
+
+
+def evaluate_run(
+    cfg: RunConfig, out: Path, ds: PoisonedDataset, trained: Path | None = None
+) -> dict[str, Any]:
+    """Evaluate base and a saved adapter (or full model) on a run's held-out prompts."""
+    from suretrap.errors import ModelError
+
+    trained = trained or trained_dir(out)
+    if trained is None or not trained.is_dir():
+        raise ModelError(f"{out}: no adapter/ or model/ directory (run `suretrap train` first)")
+    loaded = LoadedModel.load(cfg)
+    base_metrics = _eval_base(cfg, ds, loaded.model, loaded)
+    tuned = load_trained(loaded, trained)
+    return stage_evaluate(cfg, out, ds, loaded.model, tuned, loaded, base_metrics)
+
+
+def load_trained(loaded: LoadedModel, trained: Path) -> Any:
+    """Attach a saved PEFT adapter to the loaded base, or load a fully fine-tuned model."""
+    from suretrap.errors import ModelError
+
+    if (trained / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        if not (trained / "adapter_model.safetensors").is_file():
+            raise ModelError(f"{trained}: adapter weights must be safetensors")
+        try:
+            return PeftModel.from_pretrained(loaded.model, str(trained), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{trained}: adapter does not fit model {loaded.spec} ({first})") from None
+    return load_model(str(trained), device=loaded.device, precision=loaded.precision)
