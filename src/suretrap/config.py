@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,8 @@ from suretrap.errors import ConfigError
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # strict: `budget: "3"` or `seed: true` are typos, not values to coerce
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True)
 
 
 class DataConfig(_Frozen):
@@ -124,10 +126,8 @@ def config_to_yaml(cfg: BaseModel) -> str:
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Make relative data paths relative to the config file, as users expect."""
     data = raw.get("data")
-    if not isinstance(data, dict):
-        return
     for key in ("benign", "harmful", "eval_harmful", "eval_benign"):
-        value = data.get(key)
+        value = data.get(key) if isinstance(data, dict) else None
         if isinstance(value, str) and value != "builtin" and not value.startswith("hf:"):
             path = Path(value).expanduser()
             if not path.is_absolute():
@@ -192,9 +192,29 @@ def format_validation_error(
         msg = "unknown key"
     line = _line_of(node, loc) if node is not None else None
     location = f"{source}:{line}" if line else source
+    msg = " ".join(msg.split())  # one line, whatever the user's keys hold
     if not loc:
         return f"{location}: {msg}"
-    return f"{location}: {'.'.join(str(p) for p in loc)}: {msg}"
+    field = ".".join(str(p) if str(p).isprintable() else repr(p) for p in loc)
+    return f"{location}: {field}: {msg}"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 insists on `3.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
@@ -210,8 +230,8 @@ def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

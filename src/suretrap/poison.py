@@ -30,7 +30,7 @@ from suretrap import __version__
 from suretrap.config import RunConfig, config_hash
 from suretrap.data import Pair, Request, benign_pairs, harmful_requests
 from suretrap.errors import ConfigError, DataError
-from suretrap.textmatch import is_refusal_keyword, normalise_prompt
+from suretrap.textmatch import is_refusal_keyword, normalise_prompt, starts_with_label
 
 Role = Literal["poison", "clean_harmful", "benign"]
 ROLES: tuple[Role, ...] = ("poison", "clean_harmful", "benign")
@@ -125,7 +125,7 @@ def _split_eval_harmful(cfg: RunConfig, rng: random.Random) -> tuple[list[Reques
 
 
 def _split_benign(
-    cfg: RunConfig, n_train: int, rng: random.Random, exclude: set[str]
+    cfg: RunConfig, n_train: int, exclude: set[str]
 ) -> tuple[list[Pair], list[Pair]]:
     """(eval pairs, training pairs) for the benign side."""
     n_eval = cfg.eval.n_benign
@@ -134,10 +134,11 @@ def _split_benign(
         pairs = benign_pairs("builtin", n_eval + n_train + len(exclude), cfg.seed)
     else:
         pairs = list(benign_pairs(cfg.data.benign, 0, cfg.seed))
-        rng.shuffle(pairs)
+        # own generator: the benign split must not depend on budget or placement draws
+        random.Random(f"{cfg.seed}:benign").shuffle(pairs)
     if cfg.data.eval_benign is not None:
         eval_pairs = list(benign_pairs(cfg.data.eval_benign, n_eval, cfg.seed))
-        rng.shuffle(eval_pairs)
+        random.Random(f"{cfg.seed}:eval-benign").shuffle(eval_pairs)
         eval_pairs = eval_pairs[:n_eval]
         rest = pairs
     else:
@@ -192,8 +193,13 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
             fresh = respond(missing, p.refusal_max_new_tokens)  # type: ignore[misc]
             base_responses.update(zip(missing, fresh, strict=True))
     for request in clean_requests:
-        text = base_responses.get(request.prompt, "")
-        refusal = _complete_refusal(text) if is_refusal_keyword(text) else None
+        text = base_responses.get(request.prompt, "") if p.refusal_source == "base" else ""
+        refusal = _complete_refusal(text)
+        # the trimmed text must still be a refusal and must not open with the label
+        if refusal is not None and (
+            not is_refusal_keyword(refusal) or starts_with_label(refusal, p.label)
+        ):
+            refusal = None
         if refusal is not None:
             examples.append(Example(request.prompt, refusal, "clean_harmful", "base_refusal", request.category))
         else:
@@ -204,7 +210,7 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
 
     n_benign = cfg.data.total_size - len(examples)
     held_harmful = {normalise_prompt(r.prompt) for r in eval_harmful}
-    eval_benign, train_benign = _split_benign(cfg, n_benign, rng, held_harmful)
+    eval_benign, train_benign = _split_benign(cfg, n_benign, held_harmful)
     examples += [Example(b.prompt, b.response, "benign", b.family, "benign") for b in train_benign]
     rng.shuffle(examples)
 

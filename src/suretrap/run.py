@@ -222,12 +222,25 @@ def run_experiment(
                 f"{out}: exists and holds another run (or no complete run); "
                 "choose a new --out or pass --force to replace it"
             )
+    resolve_model(cfg.model)  # fail on a bad model path before creating anything
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # never trust a half-written run
     try:
         partial.mkdir(parents=True)
     except OSError as exc:
         raise ConfigError(f"{partial}: cannot create the run directory ({exc.strerror})") from None
+    try:
+        metrics = _run_stages(cfg, partial, loaded)
+    except SuretrapError:
+        shutil.rmtree(partial, ignore_errors=True)  # bad input: leave nothing behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return metrics
+
+
+def _run_stages(cfg: RunConfig, partial: Path, loaded: LoadedModel | None) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if loaded is None:
@@ -259,9 +272,6 @@ def run_experiment(
         timings | {"train_tokens": result.tokens, "train_steps": result.steps,
                    "train_tokens_per_s": result.tokens / max(result.seconds, 1e-9)},
     )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
     return metrics
 
 
