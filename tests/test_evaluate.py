@@ -25,7 +25,7 @@ PROMPTS = ["Hi", "Tell me a long story about a dragon and a knight", "What is 2+
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    return load_model(str(tiny_model_dir), precision="fp32"), load_tokenizer(str(tiny_model_dir))
 
 
 def test_batched_generation_equals_single_prompt_greedy(tiny):

