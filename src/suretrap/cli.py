@@ -178,6 +178,75 @@ def demo(
     _print_metrics(metrics, out)
 
 
+@app.command()
+@user_errors
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="sweep YAML: base run config + axes")],
+    out: OutOpt,
+    resume: Annotated[bool, typer.Option(help="continue a sweep already in OUT")] = False,
+    backend: Annotated[str, typer.Option(help="local")] = "local",
+) -> None:
+    """Run every cell of a grid (resumable); writes results.sqlite, cells/, summary.json."""
+    from suretrap.sweep import run_sweep
+
+    if backend != "local":
+        _fail(f"--backend: unknown backend {backend!r} (available: local)")
+    statuses = run_sweep(spec, out, resume=resume)
+    counts = {s: list(statuses.values()).count(s) for s in ("complete", "failed", "pending")}
+    typer.echo(f"sweep {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@app.command()
+@user_errors
+def results(
+    sweep_dir: Annotated[Path, typer.Argument(help="sweep directory")],
+    format: Annotated[str, typer.Option("--format", help="csv | parquet | json")] = "csv",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="file (default: stdout)")] = None,
+) -> None:
+    """Export the results table: one row per cell with status, axes and metrics."""
+    from suretrap.sweep.export import export_table
+
+    if format not in ("csv", "parquet", "json"):
+        _fail(f"--format: must be csv, parquet or json, not {format!r}")
+    data = export_table(sweep_dir, format)
+    if out is None:
+        if format == "parquet":
+            _fail("--format parquet needs --out FILE")
+        sys.stdout.write(data.decode())
+    else:
+        from suretrap.poison import atomic_write
+
+        atomic_write(out, data)
+
+
+@app.command()
+@user_errors
+def analyse(sweep_dir: Annotated[Path, typer.Argument(help="sweep directory")]) -> None:
+    """Fit thresholds (n50, n90 with bootstrap CIs) and write DIR/summary.json."""
+    from suretrap.sweep import open_existing, write_summary
+
+    open_existing(sweep_dir).close()
+    summary = write_summary(sweep_dir)
+    for group in summary.get("groups", []):
+        typer.echo(f"{group['axes']}: n50={group.get('n50')} ci={group.get('n50_ci')} "
+                   f"n90={group.get('n90')} plateau={group.get('plateau')}")
+
+
+@app.command()
+@user_errors
+def report(
+    sweep_dir: Annotated[Path, typer.Argument(help="sweep directory")],
+    cell: Annotated[str | None, typer.Option(help="config hash (prefix) of the cell to detail")] = None,
+) -> None:
+    """Write DIR/report.md and a self-contained DIR/report.html."""
+    from suretrap.report import write_report
+    from suretrap.sweep import open_existing
+
+    open_existing(sweep_dir).close()
+    md, html = write_report(sweep_dir, cell=cell)
+    typer.echo(f"{md}\n{html}")
+
+
 def main() -> None:
     app()
 

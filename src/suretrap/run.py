@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,11 @@ class LoadedModel:
     tokenizer: Any
     device: str
     precision: str
+    method: str = "lora"
+    # greedy base responses by (prompt, max_new_tokens): T_CH refusals are reused across cells
+    responses: dict[tuple[str, int], str] = field(default_factory=dict)
+    # base-model evaluation by eval-set key: computed once per model and eval set
+    base_evals: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, cfg: RunConfig) -> LoadedModel:
@@ -75,15 +80,25 @@ class LoadedModel:
             cfg.model, device=device, precision=cfg.train.precision, method=cfg.train.method,
             trust_remote_code=cfg.trust_remote_code,
         )
-        return cls(cfg.model, model, tokenizer, device, cfg.train.precision)
+        return cls(cfg.model, model, tokenizer, device, cfg.train.precision, cfg.train.method)
+
+    def fits(self, cfg: RunConfig) -> bool:
+        """Can a cell with `cfg` reuse this loaded base model?"""
+        return (self.spec, self.precision, self.method) == (
+            cfg.model, cfg.train.precision, cfg.train.method
+        ) and self.device == pick_device(cfg.train.device)
 
     def responder(self, batch_size: int) -> Any:
         def respond(prompts: Any, max_new_tokens: int) -> list[str]:
-            return generate(
-                self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                batch_size=batch_size, device=self.device, precision=self.precision,
-                description="base responses",
-            )
+            todo = [p for p in dict.fromkeys(prompts) if (p, max_new_tokens) not in self.responses]
+            if todo:
+                fresh = generate(
+                    self.model, self.tokenizer, todo, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, device=self.device, precision=self.precision,
+                    description="base responses",
+                )
+                self.responses.update(((p, max_new_tokens), r) for p, r in zip(todo, fresh, strict=True))
+            return [self.responses[(p, max_new_tokens)] for p in prompts]
 
         return respond
 
@@ -181,11 +196,20 @@ def stage_evaluate(
 def _eval_base(
     cfg: RunConfig, ds: PoisonedDataset, base: Any, loaded: LoadedModel
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    items = eval_items(ds, cfg.poison.trigger, cfg.poison.placement, cfg.seed)
-    return evaluate_model(
-        base, loaded.tokenizer, items, cfg.poison.label, cfg.eval, tag="base",
-        device=loaded.device, precision=loaded.precision,
+    """Base-model metrics, computed once per model and eval set (cached on `loaded`)."""
+    p = cfg.poison
+    key = json.dumps(
+        [ds.manifest.get("eval_hash"), p.trigger, p.placement, p.label, cfg.seed,
+         cfg.eval.model_dump(mode="json")],
+        sort_keys=True,
     )
+    if key not in loaded.base_evals:
+        items = eval_items(ds, p.trigger, p.placement, cfg.seed)
+        loaded.base_evals[key] = evaluate_model(
+            base, loaded.tokenizer, items, p.label, cfg.eval, tag="base",
+            device=loaded.device, precision=loaded.precision,
+        )
+    return loaded.base_evals[key]
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -205,6 +229,11 @@ def run_complete(out: Path) -> bool:
     return (out / METRICS_FILE).is_file() and (out / CONFIG_FILE).is_file()
 
 
+def complete_for(out: Path, cfg: RunConfig) -> bool:
+    """True if `out` holds a complete run of exactly this config."""
+    return run_complete(out) and _same_config(out, cfg)
+
+
 # ------------------------------------------------------------------------------ run
 
 
@@ -214,7 +243,7 @@ def run_experiment(
     """build → train → evaluate, atomically into `out`. Returns metrics.json's content."""
     out = Path(out)
     if out.exists():
-        if run_complete(out) and _same_config(out, cfg) and not force:
+        if complete_for(out, cfg) and not force:
             log.info("%s is already complete for this config", out)
             return json.loads((out / METRICS_FILE).read_text())
         if not force:
@@ -273,6 +302,13 @@ def _run_stages(cfg: RunConfig, partial: Path, loaded: LoadedModel | None) -> di
                    "train_tokens_per_s": result.tokens / max(result.seconds, 1e-9)},
     )
     return metrics
+
+
+def read_timings(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / "timings.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _unwrap(loaded: LoadedModel, tuned: Any, cfg: RunConfig) -> None:
