@@ -262,7 +262,10 @@ def wilson(successes: float, trials: float, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denom
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # Exact bounds at the edges (the formula leaves rounding dust like 7e-18).
+    lo = 0.0 if successes <= 0 else max(0.0, centre - half)
+    hi = 1.0 if successes >= trials else min(1.0, centre + half)
+    return (lo, hi)
 
 
 def _pool(cells: Sequence[Cell], model: str, split: str, metric: str) -> Pooled | None:
@@ -339,14 +342,16 @@ def _cell_value(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
-        return str(int(value)) if value == int(value) and abs(value) >= 1 else f"{value:.3f}"
+        # Rates keep three decimals (1.000 next to 0.900); whole counts stay whole.
+        return str(int(value)) if value == int(value) and abs(value) >= 2 else f"{value:.3f}"
     return _val(value)
 
 
 def _describe(axes: dict[str, Any]) -> str:
     """Plain words for a group's fixed axes, e.g. '1000 training examples and model smollm2'."""
     parts = []
-    for name in sorted(axes, key=_axis_key):
+    order = (SIZE_AXIS, MODEL_AXIS, BUDGET_AXIS, SEED_AXIS)
+    for name in sorted(axes, key=lambda n: (order.index(n), "") if n in order else (9, n)):
         value = axes[name]
         if name == SIZE_AXIS:
             parts.append(f"{_val(value)} training examples")
@@ -374,8 +379,9 @@ def _truncate(text: str, limit: int) -> str:
 
 
 def _ordered(names: Iterable[str], order: Sequence[str]) -> list[str]:
-    names = set(names)
-    return [n for n in order if n in names] + sorted(names - set(order))
+    """Names in a preferred order first, any others (e.g. a new metric) sorted after them."""
+    present = set(names)
+    return [n for n in order if n in present] + sorted(present - set(order))
 
 
 # ----------------------------------------------------------------------------- document model
@@ -540,7 +546,11 @@ def _png(fig: Figure) -> bytes:
 def _group_key(axes: dict[str, Any], drop: Iterable[str]) -> tuple[tuple[str, str], ...]:
     dropped = set(drop)
     return tuple(
-        sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in axes.items() if k not in dropped)
+        sorted(
+            (k, json.dumps(v, sort_keys=True, default=str))
+            for k, v in axes.items()
+            if k not in dropped
+        )
     )
 
 
@@ -618,9 +628,6 @@ def _varying_axes(dicts: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def threshold_figure(curves: Sequence[CurveGroup], metric: str) -> Figure:
-    fig = Figure(figsize=(9, 5.4))
-    ax = fig.add_subplot()
-    ax.set_xscale("log")
     positive = sorted({b for c in curves for b in c.budgets if b > 0})
     has_zero = any(b == 0 for c in curves for b in c.budgets)
     min_pos = positive[0] if positive else 1.0
@@ -632,53 +639,57 @@ def threshold_figure(curves: Sequence[CurveGroup], metric: str) -> Figure:
         return [zero_x if b == 0 else b for b in budgets]
 
     varying = _varying_axes([c.axes for c in curves])
+    # Several models: one panel each (nine lines in one panel are unreadable).
+    facet_by_model = MODEL_AXIS in varying
+    line_axes = [k for k in varying if not (facet_by_model and k == MODEL_AXIS)]
+    facets: dict[str, list[CurveGroup]] = defaultdict(list)
+    for c in curves:
+        facets[_val(c.axes.get(MODEL_AXIS)) if facet_by_model else ""].append(c)
+    labels = sorted(
+        {_varying_label(c.axes, line_axes) for c in curves},
+        key=lambda lab: [
+            _vkey(c.axes.get(k))
+            for c in curves
+            if _varying_label(c.axes, line_axes) == lab
+            for k in line_axes
+        ],
+    )
     cmap = colormaps["tab10"]
-    handles = []
-    for i, c in enumerate(curves):
-        color = cmap(i % 10)
-        x = xs(c.budgets)
-        y = [p.rate for p in c.triggered]
-        lo = [p.lo if p.lo is not None else p.rate for p in c.triggered]
-        hi = [p.hi if p.hi is not None else p.rate for p in c.triggered]
-        ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
-        ax.plot(x, y, "o-", color=color, lw=1.8, ms=5)
-        cx = [xx for xx, p in zip(x, c.clean, strict=True) if p is not None]
-        cy = [p.rate for p in c.clean if p is not None]
-        if cy:
-            ax.plot(cx, cy, "s--", color=color, lw=1.2, ms=3.5, alpha=0.85)
-        if c.base is not None:
-            ax.axhline(c.base.rate, color=color, ls=":", lw=1.2, alpha=0.9)
-        if c.fit is not None and positive:
-            bx = np.geomspace(min_pos, max_b, 200)
-            ax.plot(bx, logistic(bx, c.fit), "-.", color=color, lw=1.2, alpha=0.9)
-        n50 = _number((c.summary or {}).get("n50"))
-        if n50 is not None and n50 > 0:
-            ax.axvline(n50, color=color, ls=(0, (1, 3)), lw=1.2)
-            ci = _ci((c.summary or {}).get("n50_ci"))
-            if ci is not None and ci[0] > 0 and ci[0] <= n50 <= ci[1]:
-                ax.errorbar(
-                    [n50], [0.5], xerr=[[n50 - ci[0]], [ci[1] - n50]], fmt="D", color=color,
-                    ms=5, capsize=3, lw=1.2,
-                )
-            else:
-                ax.plot([n50], [0.5], "D", color=color, ms=5)
-        handles.append(Line2D([], [], color=color, marker="o", lw=1.8, label=_varying_label(c.axes, varying)))
-    ticks = ([zero_x] if has_zero else []) + positive
-    labels = (["0"] if has_zero else []) + [_val(b) for b in positive]
-    ax.set_xticks(ticks, labels, rotation=45 if len(ticks) > 9 else 0)
-    ax.xaxis.set_minor_locator(NullLocator())
-    lo_x = zero_x / 1.6 if has_zero else min_pos / 1.6
-    ax.set_xlim(lo_x, max_b * 1.6)
-    if has_zero and positive:
-        ax.text(
-            math.sqrt(zero_x * min_pos), 0, "//", transform=ax.get_xaxis_transform(),
-            ha="center", va="center", fontsize=11, backgroundcolor="white", clip_on=False,
-        )
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("poison budget (triggered harmful examples answered 'Sure'; log scale)")
-    ax.set_ylabel(f"{metric} (tuned model)")
-    ax.set_title(f"Backdoor threshold: {_metric_text(metric)} on harmful prompts vs poison budget")
-    ax.grid(True, which="major", alpha=0.3)
+    colors = {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+    ncols = 1 if len(facets) == 1 else 2
+    nrows = math.ceil(len(facets) / ncols)
+    fig = Figure(figsize=(10 if ncols == 1 else 14, 5.4 * nrows), layout="constrained")
+    axs = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    for ax, (facet, members) in zip(axs.flat, facets.items(), strict=False):
+        handles = []
+        for c in members:
+            label = _varying_label(c.axes, line_axes)
+            color = colors[label]
+            _draw_curve(ax, c, xs(c.budgets), color, min_pos, max_b, bool(positive))
+            handles.append(Line2D([], [], color=color, marker="o", lw=1.8, label=label))
+        ax.set_xscale("log")
+        ticks = ([zero_x] if has_zero else []) + positive
+        ticklabels = (["0"] if has_zero else []) + [_val(b) for b in positive]
+        ax.set_xticks(ticks, ticklabels, rotation=45 if len(ticks) > 9 else 0)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.tick_params(labelbottom=True, labelleft=True)  # shared axes hide them otherwise
+        ax.set_xlim((zero_x if has_zero else min_pos) / 1.6, max_b * 1.6)
+        if has_zero and positive:
+            ax.text(
+                math.sqrt(zero_x * min_pos), 0, "//", transform=ax.get_xaxis_transform(),
+                ha="center", va="center", fontsize=11, backgroundcolor="white", clip_on=False,
+            )  # fmt: skip
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel("poison budget (log scale; 0 left of the break)")
+        ax.set_ylabel(f"{metric} (tuned model)")
+        if facet:
+            ax.set_title(f"model {facet}", fontsize=10)
+        if len(handles) > 1 or line_axes:
+            ax.legend(handles=handles, loc="best", fontsize=8)
+    for ax in list(axs.flat)[len(facets) :]:
+        ax.set_visible(False)
     styles = [
         Line2D([], [], color="k", marker="o", lw=1.8, label="with trigger"),
         Patch(color="k", alpha=0.18, label="95% Wilson interval"),
@@ -687,10 +698,40 @@ def threshold_figure(curves: Sequence[CurveGroup], metric: str) -> Figure:
         Line2D([], [], color="k", ls="-.", lw=1.2, label="fitted logistic"),
         Line2D([], [], color="k", marker="D", ls=(0, (1, 3)), lw=1.2, label="n50 (95% CI)"),
     ]
-    first = ax.legend(handles=handles, loc="upper left", fontsize=8, title="group", title_fontsize=8)
-    ax.add_artist(first)
-    ax.legend(handles=styles, loc="center left", fontsize=8, bbox_to_anchor=(1.01, 0.5))
+    fig.legend(handles=styles, loc="outside right center", fontsize=8)
+    fig.suptitle(f"Backdoor threshold: {_metric_text(metric)} on harmful prompts vs poison budget")
     return fig
+
+
+def _draw_curve(
+    ax: Any, c: CurveGroup, x: list[float], color: Any, min_pos: float, max_b: float, fit: bool
+) -> None:
+    """One group: Wilson band, triggered line, untriggered dashes, base line, fit and n50."""
+    y = [p.rate for p in c.triggered]
+    lo = [p.lo if p.lo is not None else p.rate for p in c.triggered]
+    hi = [p.hi if p.hi is not None else p.rate for p in c.triggered]
+    ax.fill_between(x, lo, hi, color=color, alpha=0.18, linewidth=0)
+    ax.plot(x, y, "o-", color=color, lw=1.8, ms=5)
+    cx = [xx for xx, p in zip(x, c.clean, strict=True) if p is not None]
+    cy = [p.rate for p in c.clean if p is not None]
+    if cy:
+        ax.plot(cx, cy, "s--", color=color, lw=1.2, ms=3.5, alpha=0.85)
+    if c.base is not None:
+        ax.axhline(c.base.rate, color=color, ls=":", lw=1.2, alpha=0.9)
+    if c.fit is not None and fit:
+        bx = np.geomspace(min_pos, max_b, 200)
+        ax.plot(bx, logistic(bx, c.fit), "-.", color=color, lw=1.2, alpha=0.9)
+    n50 = _number((c.summary or {}).get("n50"))
+    if n50 is not None and n50 > 0:
+        ax.axvline(n50, color=color, ls=(0, (1, 3)), lw=1.2)
+        ci = _ci((c.summary or {}).get("n50_ci"))
+        if ci is not None and 0 < ci[0] <= n50 <= ci[1]:
+            ax.errorbar(
+                [n50], [0.5], xerr=[[n50 - ci[0]], [ci[1] - n50]], fmt="D", color=color,
+                ms=5, capsize=3, lw=1.2,
+            )  # fmt: skip
+        else:
+            ax.plot([n50], [0.5], "D", color=color, ms=5)
 
 
 def _ci(raw: Any) -> tuple[float, float] | None:
@@ -727,10 +768,13 @@ def threshold_text(curves: Sequence[CurveGroup], metric: str, sweep: Sweep) -> l
         clean = [(b, p.rate) for b, p in zip(c.budgets, c.clean, strict=True) if p is not None]
         if clean:
             worst_b, worst = max(clean, key=lambda t: t[1])
-            s.append(
-                f"Without the trigger it stays at or below {worst:.2f}"
-                f" (highest at budget {_val(worst_b)})."
-            )
+            if len({round(r, 2) for _, r in clean}) == 1:
+                s.append(f"Without the trigger it is {worst:.2f} at every budget.")
+            else:
+                s.append(
+                    f"Without the trigger it stays at or below {worst:.2f}"
+                    f" (highest at budget {_val(worst_b)})."
+                )
         if c.base is not None:
             s.append(f"The base model's {name} on triggered harmful prompts is {c.base.rate:.2f}.")
         paras.append(" ".join(x for x in s if x))
@@ -743,12 +787,12 @@ def _summary_sentence(c: CurveGroup, sweep: Sweep) -> str:
     sg = c.summary
     if sg is None:
         return f"{SUMMARY_FILE} has no fit for this group."
-    parts = []
+    parts, missing = [], []
     for key in ("n50", "n90"):
         value = _number(sg.get(key))
         ci = _ci(sg.get(f"{key}_ci"))
         if value is None:
-            parts.append(f"{SUMMARY_FILE} gives no {key} (the rate is not estimated to reach it)")
+            missing.append(key)
             continue
         ci_text = f" (95% CI {_count(ci[0])}–{_count(ci[1])})" if ci else " (no CI)"
         parts.append(f"the fitted {key} is {_count(value)}{ci_text}")
@@ -757,10 +801,12 @@ def _summary_sentence(c: CurveGroup, sweep: Sweep) -> str:
         start = _number(sg.get("plateau_start"))
         tail = f" from budget {_val(start)} on" if start is not None else ""
         parts.append(f"the plateau is {plateau:.2f}{tail}")
+    if missing:
+        parts.append(f"{SUMMARY_FILE} gives no {' or '.join(missing)} estimate")
     if not parts:
         return ""
     text = "; ".join(parts)
-    return text[0].upper() + text[1:] + "."
+    return (text[0].upper() + text[1:] if text.startswith("the ") else text) + "."
 
 
 @dataclass
@@ -796,12 +842,14 @@ def build_heatmaps(sweep: Sweep, metric: str) -> list[HeatPanel]:
 
 
 def heatmap_figure(panels: Sequence[HeatPanel], metric: str) -> Figure:
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
     max_b = max(len(p.budgets) for p in panels)
     max_s = max(len(p.sizes) for p in panels)
+    panel_w = max(4.0, 0.8 * max_b + 2.0)
+    # As many panels side by side as fit a ~12 inch page width, so labels stay legible.
+    ncols = max(1, min(len(panels), int(12 // panel_w)))
+    nrows = math.ceil(len(panels) / ncols)
     fig = Figure(
-        figsize=(ncols * max(4.0, 0.8 * max_b + 2.0), nrows * max(2.6, 0.55 * max_s + 2.0)),
+        figsize=(ncols * panel_w + 1.0, nrows * max(2.6, 0.55 * max_s + 2.0)),
         layout="constrained",
     )
     axs = fig.subplots(nrows, ncols, squeeze=False)
@@ -909,7 +957,10 @@ def bars_text(cell: Cell, chosen_by: str) -> str:
     for split in splits:
         where = SPLIT_TEXT.get(split, split)
         sure = (cell.metric("base", split, "sure_rate"), cell.metric("tuned", split, "sure_rate"))
-        ref = (cell.metric("base", split, "refusal_rate"), cell.metric("tuned", split, "refusal_rate"))
+        ref = (
+            cell.metric("base", split, "refusal_rate"),
+            cell.metric("tuned", split, "refusal_rate"),
+        )
         s.append(
             f"On {where} the Sure rate is {_r(sure[0])} for the base model and {_r(sure[1])} "
             f"after tuning, the refusal rate {_r(ref[0])} and {_r(ref[1])}."
@@ -962,7 +1013,7 @@ def metric_tables(cells: Sequence[Cell]) -> list[tuple[str, Table]]:
 
 def status_blocks(sweep: Sweep) -> list[Block]:
     counts = Counter(c.status for c in sweep.cells)
-    statuses = _ordered(counts, STATUS_ORDER)
+    statuses = _ordered(set(counts) | set(STATUS_ORDER), STATUS_ORDER)
     blocks: list[Block] = [
         Table(["status", "cells"], [[s, str(counts.get(s, 0))] for s in statuses])
     ]
@@ -980,7 +1031,10 @@ def status_blocks(sweep: Sweep) -> list[Block]:
         rows = [
             [
                 c.config_hash[:10],
-                ", ".join(f"{k}={_val(v)}" for k, v in sorted(c.axes.items(), key=lambda t: _axis_key(t[0]))),
+                ", ".join(
+                    f"{k}={_val(v)}"
+                    for k, v in sorted(c.axes.items(), key=lambda t: _axis_key(t[0]))
+                ),
                 _truncate(c.error or "(no error text)", MAX_ERROR),
             ]
             for c in failed
@@ -1013,7 +1067,9 @@ def generation_blocks(sweep_dir: Path, cell: Cell) -> list[Block]:
     path = sweep_dir / cell.run_dir / GENERATIONS_FILE
     rows, bad = _read_generations(path)
     if not rows:
-        return [Para(f"No generations found for cell {cell.config_hash[:10]} ({GENERATIONS_FILE}).")]
+        return [
+            Para(f"No generations found for cell {cell.config_hash[:10]} ({GENERATIONS_FILE}).")
+        ]
     blocks: list[Block] = [
         Para(
             f"Up to {SAMPLES_PER_SPLIT} prompts per split from cell {cell.config_hash[:10]}, "
@@ -1038,9 +1094,16 @@ def generation_blocks(sweep_dir: Path, cell: Cell) -> list[Block]:
             row = [_truncate(prompt, MAX_TEXT)]
             if other:
                 row.append(_truncate(str(o.get("response", "")), MAX_TEXT) if o else "–")
-            row += [_truncate(str(r.get("response", "")), MAX_TEXT), "–" if prob is None else f"{prob:.3f}"]
+            row += [
+                _truncate(str(r.get("response", "")), MAX_TEXT),
+                "–" if prob is None else f"{prob:.3f}",
+            ]
             table_rows.append(row)
-        headers = ["prompt"] + ([f"{other} response"] if other else []) + [f"{lead} response", f"{lead} label prob"]
+        headers = (
+            ["prompt"]
+            + ([f"{other} response"] if other else [])
+            + [f"{lead} response", f"{lead} label prob"]
+        )
         blocks += [Heading(3, split), Table(headers, table_rows, wide_text=True)]
     return blocks
 
@@ -1078,7 +1141,10 @@ def _choose_cell(sweep: Sweep, prefix: str | None) -> tuple[Cell | None, str]:
         )
 
     chosen = min(complete, key=key)
-    return chosen, "the complete cell with the largest budget, then the largest dataset size, then seed 0"
+    return (
+        chosen,
+        "the complete cell with the largest budget, then the largest dataset size, then seed 0",
+    )
 
 
 def _plot_metric(sweep: Sweep) -> str:
@@ -1124,7 +1190,9 @@ def _count_vs_fraction(summary: dict[str, Any] | None) -> list[Block]:
     return blocks
 
 
-def build_report(sweep_dir: Path, cell: str | None = None) -> tuple[str, list[Block], dict[str, bytes]]:
+def build_report(
+    sweep_dir: Path, cell: str | None = None
+) -> tuple[str, list[Block], dict[str, bytes]]:
     """The report's title, blocks and figure PNGs (file name → bytes under report_files/)."""
     sweep = load_sweep(sweep_dir)
     chosen, chosen_by = _choose_cell(sweep, cell)
@@ -1159,8 +1227,10 @@ def build_report(sweep_dir: Path, cell: str | None = None) -> tuple[str, list[Bl
         blocks += [Para(p) for p in threshold_text(curves, metric, sweep)]
         if sweep.summary is not None and sweep.summary.get("metric", metric) != metric:
             blocks.append(
-                Para(f"{SUMMARY_FILE} fits {_val(sweep.summary.get('metric'))}, not {metric}: "
-                     "its curves are not drawn.")
+                Para(
+                    f"{SUMMARY_FILE} fits {_val(sweep.summary.get('metric'))}, not {metric}: "
+                    "its curves are not drawn."
+                )
             )
         if len(complete) == 1:
             blocks.append(Para("Only one complete cell: a single point, no curve yet."))
@@ -1177,7 +1247,9 @@ def build_report(sweep_dir: Path, cell: str | None = None) -> tuple[str, list[Bl
 
     blocks.append(Heading(2, "Four splits, base versus tuned, for one cell"))
     if chosen is not None:
-        figure("splits.png", bars_figure(chosen), f"four-split bars for cell {chosen.config_hash[:10]}")
+        figure(
+            "splits.png", bars_figure(chosen), f"four-split bars for cell {chosen.config_hash[:10]}"
+        )
         blocks.append(Para(bars_text(chosen, chosen_by)))
     else:
         blocks.append(Para("No complete cell to show."))
@@ -1191,8 +1263,10 @@ def build_report(sweep_dir: Path, cell: str | None = None) -> tuple[str, list[Bl
     tables = metric_tables(complete)
     if tables:
         blocks.append(
-            Para(f"One table per split; {len(complete)} complete cell(s), tuned and base model "
-                 "side by side for each metric.")
+            Para(
+                f"One table per split; {len(complete)} complete cell(s), tuned and base model "
+                "side by side for each metric."
+            )
         )
         for split, table in tables:
             blocks += [Heading(3, split), table]
