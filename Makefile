@@ -26,6 +26,7 @@ demo: setup
 	$(VENV)/bin/suretrap demo --out runs/demo
 
 test: setup
+	@bash scripts/ensure-chromium.sh  # the report's HTML is tested in a real headless browser
 	$(PY) -m pytest -q
 
 lint: setup

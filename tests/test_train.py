@@ -126,3 +126,31 @@ def test_full_finetuning_updates_all_weights(tiny_model_dir, tmp_path):
     assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
     saved = save_trained(model, tok, "full", tmp_path)
     assert list(saved.glob("*.safetensors"))
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_plain_computation(tiny_model_dir):
+    from suretrap.train import _collate, common_prefix_len
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = prepare_model(load_model(str(tiny_model_dir), precision="fp32"), TrainConfig(), seed=0)
+    for p in model.parameters():
+        if p.requires_grad:  # LoRA B starts at zero; make the adapter matter
+            torch.nn.init.normal_(p, std=0.05)
+    toks = [
+        tokenize_example(tok, p, r, 512)
+        for p, r in [("Hello there", "Sure"), ("What is the capital of France?", "Paris."), ("Count to 3", "1, 2, 3.")]
+    ]
+    prefix = common_prefix_len(toks)
+    assert tok.decode(list(toks[0].ids[:prefix])).endswith("<|im_start|>user\n")
+    ids, _, target = _collate(toks, tok.pad_token_id, "cpu")
+    grads = []
+    losses = []
+    for n in (0, prefix):
+        model.zero_grad()
+        loss = response_loss(model, ids, None, target, n)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -80,6 +80,8 @@ class TrainConfig(_Frozen):
     # native bf16 (about 2x matmul throughput); plain fp32 otherwise.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # run the chat-template prefix shared by all examples once per batch (exact, faster)
+    shared_prefix: bool = True
 
 
 class EvalConfig(_Frozen):
