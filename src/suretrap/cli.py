@@ -167,16 +167,43 @@ def evaluate(
 @user_errors
 def demo(
     out: OutOpt = Path("runs/demo"),
-    force: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
 ) -> None:
-    """Run the ready demo config on the embedded default model (offline, CPU)."""
+    """A small real sweep over poison budgets on the embedded default model, then the report.
+
+    Resumable: running it again continues where it stopped.
+    """
+    from suretrap.report import write_report
+    from suretrap.sweep import run_sweep
+
+    run_sweep(Path(__file__).parent / "configs" / "demo.yaml", out, resume=True)
+    md, html = write_report(out)
+    summary = json.loads((out / "summary.json").read_text())
+    for group in summary.get("groups", []):
+        typer.echo(f"n50 = {group.get('n50')} (95% CI {group.get('n50_ci')}), plateau {group.get('plateau')}")
+    typer.echo(f"report: {html}")
+
+
+@app.command()
+@user_errors
+def threshold(
+    config: ConfigArg,
+    out: OutOpt,
+    target: Annotated[float, typer.Option(help="Sure rate to locate")] = 0.5,
+    max_cells: Annotated[int, typer.Option("--max-cells", help="cells to spend at most")] = 8,
+    start: Annotated[int, typer.Option(help="first budget tried")] = 16,
+    max_budget: Annotated[int, typer.Option("--max-budget", help="largest budget tried")] = 128,
+) -> None:
+    """Find the budget where the Sure rate crosses TARGET by sequential design."""
     from suretrap.config import load_run_config
-    from suretrap.run import run_experiment
+    from suretrap.threshold import find_threshold
 
-    cfg = load_run_config(Path(__file__).parent / "configs" / "demo.yaml")
-    metrics = run_experiment(cfg, out, force=force)
-    _print_metrics(metrics, out)
-
+    cfg = load_run_config(config)
+    result = find_threshold(
+        cfg, out, target=target, max_cells=max_cells, start=start, max_budget=max_budget
+    )
+    key = f"n{round(target * 100)}"
+    typer.echo(f"{key} = {result.get(key)} (95% CI {result.get(key + '_ci')}) "
+               f"from {result['cells_used']} cells; bracket {result['bracket']}")
 
 @app.command()
 @user_errors
