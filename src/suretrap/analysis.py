@@ -14,8 +14,11 @@ poisoned examples) through a logistic curve in ``ln b``::
 * ``top`` in ``[floor, 1]`` is the plateau (not forced to 1: some prompts may never flip).
 * ``k > 0`` is the steepness per e-fold of budget; ``m`` is the log budget of the midpoint.
 
-The three free parameters are fitted by binomial maximum likelihood (a vectorised grid
-search, then bounded L-BFGS-B with an analytic gradient from the best grid points).
+The three free parameters are fitted by binomial maximum likelihood: a vectorised grid
+search gives one start per steepness band (the likelihood can be bimodal: a shallow curve
+versus a sharp step), each start is polished by a bounded, vectorised Newton /
+Levenberg-Marquardt ascent (all bootstrap replicates at once), and point estimates are
+finally re-polished with scipy's bounded L-BFGS-B (analytic gradient), keeping the best.
 ``n50``/``n90`` are the budgets where the fitted curve reaches 0.5/0.9; ``None`` when the
 plateau stays below the level.
 
@@ -69,6 +72,7 @@ _M_PAD = 2.0  # midpoint may sit up to e^2 (~7x) beyond the tested budgets, no f
 _GRID_U = np.linspace(0.0, 1.0, 11)  # (top - floor) / (1 - floor)
 _GRID_K = np.geomspace(0.15, 40.0, 12)
 _GRID_M = 31
+_GRID_BANDS = 3
 _GRID_CHUNK = 1_500_000  # elements per grid block: bounds memory for large bootstraps
 _PLATEAU_TOL = 0.05
 _NEVER = 1e300
@@ -144,34 +148,149 @@ class LogisticFit:
 def _nll_and_grad(
     theta: np.ndarray, x: np.ndarray, s: np.ndarray, n: np.ndarray, floor: float
 ) -> tuple[float, np.ndarray]:
+    """Negative log-likelihood over positive doses and its gradient in (top, ln k, m)."""
     top, log_k, m = theta
     k = math.exp(log_k)
     sg = expit(k * (x - m))
     p = np.clip(floor + (top - floor) * sg, _EPS, 1.0 - _EPS)
     fail = n - s
-    ll = float(np.dot(s, np.log(p)) + np.dot(fail, np.log1p(-p)))
+    # elementwise sums, not np.dot: BLAS threads thrash on a loaded 2-core box
+    ll = float((s * np.log(p) + fail * np.log1p(-p)).sum())
     dl_dp = s / p - fail / (1.0 - p)
     slope = (top - floor) * sg * (1.0 - sg)
     grad = np.array(
         [
-            np.dot(dl_dp, sg),
-            np.dot(dl_dp, slope * (x - m) * k),
-            np.dot(dl_dp, -slope * k),
+            (dl_dp * sg).sum(),
+            (dl_dp * slope * (x - m) * k).sum(),
+            -(dl_dp * slope * k).sum(),
         ]
     )
     return -ll, -grad
 
 
-def _grid_starts(
-    x: np.ndarray, s: np.ndarray, n: np.ndarray, floor: np.ndarray, n_starts: int
-) -> np.ndarray:
-    """Best ``n_starts`` grid points (top, ln k, m) per replicate: shape (R, n_starts, 3)."""
+def _loglik_batch(
+    theta: np.ndarray, x: np.ndarray, s: np.ndarray, n: np.ndarray, floor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise log-likelihood of theta (R, 3); also returns p and sigmoid, each (R, N)."""
+    k = np.exp(theta[:, 1])
+    sg = expit(k[:, None] * (x[None, :] - theta[:, 2, None]))
+    p = np.clip(floor[:, None] + (theta[:, 0] - floor)[:, None] * sg, _EPS, 1.0 - _EPS)
+    ll = (s * np.log(p) + (n - s) * np.log1p(-p)).sum(axis=1)
+    return ll, p, sg
+
+
+def _pos_def3(h: np.ndarray) -> np.ndarray:
+    """Sylvester's criterion for a batch of symmetric 3x3 matrices."""
+    a, b, c = h[:, 0, 0], h[:, 0, 1], h[:, 0, 2]
+    e, f, i = h[:, 1, 1], h[:, 1, 2], h[:, 2, 2]
+    det = a * (e * i - f * f) - b * (b * i - f * c) + c * (b * f - e * c)
+    return (a > 0) & (a * e - b * b > 0) & (det > 0)
+
+
+def _solve3(h: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Batched 3x3 solve by the adjugate; plain numpy (no LAPACK/BLAS threads)."""
+    a, b, c = h[:, 0, 0], h[:, 0, 1], h[:, 0, 2]
+    d, e, f = h[:, 1, 0], h[:, 1, 1], h[:, 1, 2]
+    gg, hh, ii = h[:, 2, 0], h[:, 2, 1], h[:, 2, 2]
+    co = np.stack(
+        [
+            np.stack([e * ii - f * hh, c * hh - b * ii, b * f - c * e], axis=1),
+            np.stack([f * gg - d * ii, a * ii - c * gg, c * d - a * f], axis=1),
+            np.stack([d * hh - e * gg, b * gg - a * hh, a * e - b * d], axis=1),
+        ],
+        axis=1,
+    )
+    det = a * co[:, 0, 0] + b * co[:, 1, 0] + c * co[:, 2, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (co * g[:, None, :]).sum(axis=2) / det[:, None]
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def _polish_batch(
+    theta: np.ndarray,
+    x: np.ndarray,
+    s: np.ndarray,
+    n: np.ndarray,
+    floor: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    max_iter: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Projected Levenberg-Marquardt (Newton) ascent on all replicates at once.
+
+    Why not scipy per replicate: 500 separate L-BFGS-B calls cost seconds, and far more
+    when OpenBLAS threads compete with a running experiment. Steps are only accepted when
+    the log-likelihood rises, so the result is never worse than the start.
+    """
+    theta = np.clip(theta, lo, hi)
+    ll, p, sg = _loglik_batch(theta, x, s, n, floor)
+    lam = np.full(theta.shape[0], 1e-3)
+    live = np.ones(theta.shape[0], dtype=bool)
+    for _ in range(max_iter):
+        if not live.any():
+            break
+        k = np.exp(theta[:, 1])[:, None]
+        amp = (theta[:, 0] - floor)[:, None]
+        d1 = sg * (1.0 - sg)  # sigmoid'
+        d2 = d1 * (1.0 - 2.0 * sg)  # sigmoid''
+        z = k * (x[None, :] - theta[:, 2, None])
+        # dp/d(top, ln k, m) and the second derivatives of p
+        jac = np.stack([sg, amp * d1 * z, -amp * d1 * k], axis=2)  # (R, N, 3)
+        p2 = np.empty(jac.shape + (3,))
+        p2[..., 0, 0] = 0.0
+        p2[..., 0, 1] = p2[..., 1, 0] = d1 * z
+        p2[..., 0, 2] = p2[..., 2, 0] = -d1 * k
+        p2[..., 1, 1] = amp * (d2 * z * z + d1 * z)
+        p2[..., 1, 2] = p2[..., 2, 1] = -amp * k * (d2 * z + d1)
+        p2[..., 2, 2] = amp * d2 * k * k
+        var = p * (1.0 - p)
+        resid = (s - n * p) / var  # dl/dp
+        g = np.einsum("rn,rnj->rj", resid, jac)
+        fisher = np.einsum("rn,rni,rnj->rij", n / var, jac, jac)
+        # observed information converges fast where the curve misfits (Fisher zig-zags
+        # there); fall back to Fisher where it is not positive definite
+        w2 = s / p**2 + (n - s) / (1.0 - p) ** 2
+        obs = np.einsum("rn,rni,rnj->rij", w2, jac, jac) - np.einsum("rn,rnij->rij", resid, p2)
+        h = np.where(_pos_def3(obs)[:, None, None], obs, fisher)
+        # variables pinned at a bound with the gradient pointing outward stay put
+        pinned = ((theta <= lo + 1e-12) & (g < 0)) | ((theta >= hi - 1e-12) & (g > 0))
+        g = np.where(pinned, 0.0, g)
+        free = ~pinned
+        h = h * free[:, :, None] * free[:, None, :]
+        diag = np.einsum("rii->ri", h)
+        scale = diag.max(axis=1, keepdims=True) + 1.0
+        h_lm = h + np.eye(3)[None] * (lam[:, None] * diag + 1e-9 * scale + pinned)[:, None, :]
+        step = _solve3(h_lm, g)
+        cand = np.clip(theta + step, lo, hi)
+        ll_new, p_new, sg_new = _loglik_batch(cand, x, s, n, floor)
+        better = live & (ll_new > ll)
+        gain = np.where(better, ll_new - ll, 0.0)
+        theta[better], ll[better], p[better], sg[better] = (
+            cand[better],
+            ll_new[better],
+            p_new[better],
+            sg_new[better],
+        )
+        lam = np.where(better, lam / 3.0, lam * 4.0)
+        # converged: an almost undamped step gains nothing; stalled: damping exploded
+        live &= ~((better & (gain < 1e-10) & (lam < 1.0)) | (lam > 1e10))
+    return theta, ll
+
+
+def _grid_starts(x: np.ndarray, s: np.ndarray, n: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """Grid-search starts (top, ln k, m) per replicate: shape (R, n_bands, 3).
+
+    One start per steepness band (shallow / medium / steep): the likelihood can have a
+    shallow-curve mode and a sharp-threshold mode, and the best grid points overall tend
+    to sit in one basin.
+    """
     m_grid = np.linspace(x.min() - _M_PAD, x.max() + _M_PAD, _GRID_M)
     sig = expit(_GRID_K[:, None, None] * (x[None, None, :] - m_grid[None, :, None]))
-    q = (_GRID_U[:, None, None, None] * sig[None]).reshape(-1, x.size)  # (G, N)
-    uu, kk, mm = np.meshgrid(_GRID_U, _GRID_K, m_grid, indexing="ij")
+    q = (_GRID_U[:, None, None, None] * sig[None]).reshape(-1, x.size)  # (G, N), G = U*K*M
+    uu, kk, mm = (a.ravel() for a in np.meshgrid(_GRID_U, _GRID_K, m_grid, indexing="ij"))
+    bands = np.array_split(np.arange(_GRID_K.size), _GRID_BANDS)
     n_rep = s.shape[0]
-    out = np.empty((n_rep, n_starts, 3))
+    out = np.empty((n_rep, len(bands), 3))
     chunk = max(1, _GRID_CHUNK // max(1, q.size))
     fail = n - s
     for lo in range(0, n_rep, chunk):
@@ -179,22 +298,31 @@ def _grid_starts(
         f = floor[lo:hi, None, None]
         p = np.clip(f + (1.0 - f) * q[None], _EPS, 1.0 - _EPS)
         ll = (s[lo:hi, None, :] * np.log(p) + fail[lo:hi, None, :] * np.log1p(-p)).sum(-1)
-        if n_starts == 1:
-            best = ll.argmax(axis=1)[:, None]
-        else:
-            # stable order so ties resolve the same way every run
-            best = np.argsort(-ll, axis=1, kind="stable")[:, :n_starts]
-        u = uu.ravel()[best]
-        out[lo:hi, :, 0] = floor[lo:hi, None] + (1.0 - floor[lo:hi, None]) * u
-        out[lo:hi, :, 1] = np.log(kk.ravel()[best])
-        out[lo:hi, :, 2] = mm.ravel()[best]
+        ll = ll.reshape(hi - lo, _GRID_U.size, _GRID_K.size, _GRID_M)
+        for j, band in enumerate(bands):
+            sub = ll[:, :, band, :].reshape(hi - lo, -1)
+            iu, ik, im = np.unravel_index(sub.argmax(axis=1), (_GRID_U.size, band.size, _GRID_M))
+            best = np.ravel_multi_index((iu, band[ik], im), (_GRID_U.size, _GRID_K.size, _GRID_M))
+            out[lo:hi, j, 0] = floor[lo:hi] + (1.0 - floor[lo:hi]) * uu[best]
+            out[lo:hi, j, 1] = np.log(kk[best])
+            out[lo:hi, j, 2] = mm[best]
     return out
 
 
 def _fit_batch(
-    doses: np.ndarray, succ: np.ndarray, trials: np.ndarray, n_starts: int = 1
+    doses: np.ndarray,
+    succ: np.ndarray,
+    trials: np.ndarray,
+    *,
+    thorough: bool = False,
+    warm: LogisticFit | None = None,
 ) -> list[LogisticFit | None]:
-    """Fit every row of ``succ``/``trials`` (R, N) over shared ``doses`` (N,)."""
+    """Fit every row of ``succ``/``trials`` (R, N) over shared ``doses`` (N,).
+
+    Starts come from a grid search (plus ``warm``, e.g. the point estimate for bootstrap
+    replicates); all are polished together and each row keeps its best. ``thorough`` (point
+    estimates) then restarts scipy's bounded L-BFGS-B from the winner.
+    """
     succ = np.atleast_2d(np.asarray(succ, dtype=float))
     trials = np.atleast_2d(np.asarray(trials, dtype=float))
     zero = doses <= 0
@@ -205,42 +333,57 @@ def _fit_batch(
     if not pos.any():
         return fits
     x = np.log(doses[pos])
-    s, n = succ[:, pos], trials[:, pos]
-    ok = (n > 0).any(axis=1)
-    if not ok.any():
+    rows = np.flatnonzero((trials[:, pos] > 0).any(axis=1))
+    if rows.size == 0:
         return fits
-    starts = _grid_starts(x, s, n, floor, n_starts)
-    m_bounds = (float(x.min() - _M_PAD), float(x.max() + _M_PAD))
-    fc = np.clip(floor, _EPS, 1.0 - _EPS)
-    ll_zero = s0 * np.log(fc) + (n0 - s0) * np.log1p(-fc)
-    for r in np.flatnonzero(ok):
-        f = float(floor[r])
-        best_theta, best_nll = None, math.inf
-        for theta0 in starts[r]:
-            if f >= 1.0 - 1e-12:  # nothing to fit: the curve is pinned at 1
-                theta, nll = theta0, _nll_and_grad(theta0, x, s[r], n[r], f)[0]
-            else:
-                res = minimize(
-                    _nll_and_grad,
-                    theta0,
-                    args=(x, s[r], n[r], f),
-                    jac=True,
-                    method="L-BFGS-B",
-                    bounds=[(f, 1.0), _LOG_K_BOUNDS, m_bounds],
-                )
-                theta, nll = res.x, float(res.fun)
-                start_nll = _nll_and_grad(theta0, x, s[r], n[r], f)[0]
-                if not np.isfinite(nll) or start_nll < nll:  # never worse than the start
-                    theta, nll = theta0, start_nll
-            if nll < best_nll:
-                best_theta, best_nll = theta, nll
-        assert best_theta is not None
+    s, n, f = succ[rows][:, pos], trials[rows][:, pos], floor[rows]
+    starts = _grid_starts(x, s, n, f)
+    ones = np.ones_like(f)
+    lo = np.stack([f, ones * _LOG_K_BOUNDS[0], ones * (x.min() - _M_PAD)], axis=1)
+    hi = np.stack([ones, ones * _LOG_K_BOUNDS[1], ones * (x.max() + _M_PAD)], axis=1)
+    if warm is not None:
+        w = np.tile([warm.top, math.log(warm.k), warm.m], (rows.size, 1, 1))
+        starts = np.concatenate([starts, w], axis=1)
+    # polish every start of every replicate in one vectorised pass, keep each row's best
+    n_rep, n_st = starts.shape[:2]
+    flat = starts.reshape(-1, 3)
+    th_all, ll_all = _polish_batch(
+        flat,
+        x,
+        np.repeat(s, n_st, axis=0),
+        np.repeat(n, n_st, axis=0),
+        np.repeat(f, n_st),
+        np.repeat(lo, n_st, axis=0),
+        np.repeat(hi, n_st, axis=0),
+    )
+    pick = ll_all.reshape(n_rep, n_st).argmax(axis=1)
+    theta = th_all.reshape(n_rep, n_st, 3)[np.arange(n_rep), pick]
+    ll = ll_all.reshape(n_rep, n_st)[np.arange(n_rep), pick]
+    if thorough:
+        # point estimates: scipy's bounded L-BFGS-B restarted from the best polished point,
+        # an independent check that a general-purpose optimiser cannot improve on it
+        for r in range(rows.size):
+            if f[r] >= 1.0 - 1e-12:  # the curve is pinned at 1: nothing to optimise
+                continue
+            res = minimize(
+                _nll_and_grad,
+                theta[r].copy(),
+                args=(x, s[r], n[r], float(f[r])),
+                jac=True,
+                method="L-BFGS-B",
+                bounds=list(zip(lo[r], hi[r], strict=True)),
+            )
+            if np.isfinite(res.fun) and -res.fun > ll[r]:
+                theta[r], ll[r] = res.x, -float(res.fun)
+    fc = np.clip(f, _EPS, 1.0 - _EPS)
+    ll_zero = s0[rows] * np.log(fc) + (n0[rows] - s0[rows]) * np.log1p(-fc)
+    for i, r in enumerate(rows):
         fits[r] = LogisticFit(
-            top=float(best_theta[0]),
-            k=float(math.exp(best_theta[1])),
-            m=float(best_theta[2]),
-            floor=f,
-            loglik=float(-best_nll + ll_zero[r]),
+            top=float(theta[i, 0]),
+            k=float(math.exp(theta[i, 1])),
+            m=float(theta[i, 2]),
+            floor=float(f[i]),
+            loglik=float(ll[i] + ll_zero[i]),
         )
     return fits
 
@@ -262,11 +405,11 @@ def fit_logistic(
     n = np.asarray(trials, dtype=float).ravel()
     if not (b.size == s.size == n.size):
         raise ValueError("budgets, successes and trials must have the same length")
+    if not (np.isfinite(b).all() and np.isfinite(s).all() and np.isfinite(n).all()):
+        raise ValueError("budgets, successes and trials must be finite")
     if (b < 0).any() or (n < 0).any() or (s < 0).any() or (s > n).any():
         raise ValueError("need budgets >= 0 and 0 <= successes <= trials")
-    if not np.isfinite(b).all():
-        raise ValueError("budgets must be finite")
-    return _fit_batch(b, s[None], n[None], n_starts=3)[0]
+    return _fit_batch(b, s[None], n[None], thorough=True)[0]
 
 
 # --------------------------------------------------------------------------- paired data
@@ -296,7 +439,9 @@ class PairedTable:
     def seeds_per_budget(self) -> np.ndarray:
         out = np.zeros(self.budgets.size, dtype=int)
         for j in range(self.budgets.size):
-            out[j] = len({s for s, (_, m) in zip(self.seeds, self.units, strict=True) if m[j].any()})
+            out[j] = len(
+                {s for s, (_, m) in zip(self.seeds, self.units, strict=True) if m[j].any()}
+            )
         return out
 
 
@@ -445,7 +590,7 @@ def _group_summary(
     if pos_budgets.size < 2:
         notes.append(f"{pos_budgets.size} positive budget(s) with data: need 2 to fit a curve")
     else:
-        fit = _fit_batch(budgets[has], succ[has][None], trials[has][None], n_starts=3)[0]
+        fit = _fit_batch(budgets[has], succ[has][None], trials[has][None], thorough=True)[0]
     if fit is None:
         rates = np.divide(succ, trials, out=np.zeros_like(succ), where=has)
         out["plateau"] = float(rates[has].max()) if has.any() else None
@@ -469,7 +614,7 @@ def _group_summary(
         if n_boot > 0:
             bs, bn = paired_bootstrap(table, n_boot, rng)
             cols = np.flatnonzero(has)
-            boot = _fit_batch(budgets[cols], bs[:, cols], bn[:, cols], n_starts=1)
+            boot = _fit_batch(budgets[cols], bs[:, cols], bn[:, cols], warm=fit)
         reach: dict[str, float] = {}
         for level in levels:
             key = _level_key(level)
@@ -477,7 +622,9 @@ def _group_summary(
             out[key] = point
             if point is None:
                 notes.append(f"fitted plateau {fit.top:.3f} never reaches {level:g}")
-            elif point > 0 and point < pos_budgets.min():
+            elif point == 0.0:
+                notes.append(f"{key} = 0: the budget-0 rate already reaches {level:g}")
+            elif point < pos_budgets.min():
                 notes.append(f"{key} below the smallest positive budget (extrapolated)")
             elif point > pos_budgets.max():
                 notes.append(f"{key} above the largest budget (extrapolated)")
@@ -491,11 +638,11 @@ def _group_summary(
             )
             ci, reach[f"{level:g}"] = _ci(vals, n_boot)
             out[key + "_ci"] = ci
-            if ci is None:
+            if ci is None and point is not None:
                 notes.append(
                     f"{key}_ci: only {reach[f'{level:g}']:.0%} of bootstrap fits reach {level:g}"
                 )
-            elif ci[1] is None:
+            elif ci is not None and ci[1] is None:
                 notes.append(f"{key}_ci has no upper bound (some bootstrap fits never reach it)")
         out["bootstrap"] = {"n_boot": n_boot, "reach": reach}
     out["points"] = points
