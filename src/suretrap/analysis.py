@@ -853,7 +853,7 @@ def _read_generations(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_cells(sweep_dir: str | Path) -> list[CellOutcome]:
+def load_cells(sweep_dir: str | Path, only: Iterable[str] | None = None) -> list[CellOutcome]:
     """Completed cells of a sweep, with per-prompt "sure_rate" outcomes.
 
     Reads ``results.sqlite`` (table ``cells``: config_hash, status, axes JSON, run_dir) and,
@@ -872,6 +872,9 @@ def load_cells(sweep_dir: str | Path) -> list[CellOutcome]:
         ).fetchall()
     finally:
         con.close()
+    if only is not None:
+        wanted = set(only)
+        rows = [r for r in rows if r[0] in wanted]
     cells: list[CellOutcome] = []
     for config_hash, axes_json, run_dir in rows:
         candidates = []
