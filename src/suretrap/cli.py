@@ -274,6 +274,55 @@ def report(
     typer.echo(f"{md}\n{html}")
 
 
+@app.command()
+@user_errors
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file")] = Path("bench.json"),
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    random_init: Annotated[
+        str | None, typer.Option("--random-init", help="smollm2-135m | llama-3.2-1b | llama-3.1-8b")
+    ] = None,
+    train_steps: Annotated[int, typer.Option("--train-steps")] = 12,
+    sweep_dir: Annotated[
+        Path | None, typer.Option("--sweep", help="finished sweep whose cells give cell_overhead_s")
+    ] = None,
+) -> None:
+    """Measure training, scoring and generation throughput against plain baselines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from suretrap.bench import SHAPES, cell_overhead, run_bench
+    from suretrap.poison import atomic_write
+
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device: must be cpu or cuda, not {device!r}")
+    if random_init is not None and random_init not in SHAPES:
+        _fail(f"--random-init: unknown shape {random_init!r} (known: {', '.join(SHAPES)})")
+    console = Console(stderr=True)
+    result = run_bench(
+        device=device, random_init=random_init, train_steps=train_steps,
+        progress_cb=lambda msg: console.log(msg),
+    )
+    if sweep_dir is not None:
+        overhead = cell_overhead(sweep_dir)
+        if overhead is None:
+            _fail(f"--sweep: {sweep_dir} has no cells with timings")
+        result |= overhead or {}
+    atomic_write(out, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    table = Table(title=f"suretrap bench ({result['device']}, {result['model']})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                table.add_row(f"{key}.{sub}", f"{v:.1f}")
+        elif isinstance(value, float):
+            table.add_row(key, f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}")
+        else:
+            table.add_row(key, str(value))
+    Console().print(table)
+
+
 def main() -> None:
     app()
 

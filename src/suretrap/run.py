@@ -71,6 +71,7 @@ class LoadedModel:
     responses: dict[tuple[str, int], str] = field(default_factory=dict)
     # base-model evaluation by eval-set key: computed once per model and eval set
     base_evals: dict[str, Any] = field(default_factory=dict)
+    generation_s: float = 0.0  # time spent generating base responses (for timings)
 
     @classmethod
     def load(cls, cfg: RunConfig) -> LoadedModel:
@@ -92,12 +93,14 @@ class LoadedModel:
         def respond(prompts: Any, max_new_tokens: int) -> list[str]:
             todo = [p for p in dict.fromkeys(prompts) if (p, max_new_tokens) not in self.responses]
             if todo:
+                started = time.perf_counter()
                 fresh = generate(
                     self.model, self.tokenizer, todo, max_new_tokens=max_new_tokens,
                     batch_size=batch_size, device=self.device, precision=self.precision,
                     description="base responses",
                 )
                 self.responses.update(((p, max_new_tokens), r) for p, r in zip(todo, fresh, strict=True))
+                self.generation_s += time.perf_counter() - started
             return [self.responses[(p, max_new_tokens)] for p in prompts]
 
         return respond
@@ -279,8 +282,10 @@ def _run_stages(cfg: RunConfig, partial: Path, loaded: LoadedModel | None) -> di
     _dump(partial / ENV_FILE, environment(cfg, loaded.device))
 
     t = time.perf_counter()
+    generated = loaded.generation_s
     ds = stage_build_data(cfg, partial, loaded)
     timings["build_data_s"] = time.perf_counter() - t
+    timings["refusal_generation_s"] = loaded.generation_s - generated
 
     t = time.perf_counter()
     base_metrics = _eval_base(cfg, ds, loaded.model, loaded)
@@ -298,7 +303,7 @@ def _run_stages(cfg: RunConfig, partial: Path, loaded: LoadedModel | None) -> di
     timings["total_s"] = time.perf_counter() - started
     _dump(
         partial / "timings.json",
-        timings | {"train_tokens": result.tokens, "train_steps": result.steps,
+        timings | {"train_loop_s": result.seconds, "train_tokens": result.tokens, "train_steps": result.steps,
                    "train_tokens_per_s": result.tokens / max(result.seconds, 1e-9)},
     )
     return metrics

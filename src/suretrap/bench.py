@@ -1,0 +1,327 @@
+"""`suretrap bench`: throughput of every stage, measured side by side in one process.
+
+All comparisons use the same model, data and LoRA configuration, in this process, one
+after the other, so ratios are not confounded by another machine or another day.
+
+FLOP accounting (`train_gflops`): per token, 2·N forward plus 2·N for the activation
+gradients (frozen weights need no weight gradients) plus 6·N_lora for the adapters, where
+N counts only weights that do a matmul for that token: the decoder's linear layers for
+every token actually computed (a shared prefix counts once per batch, as it is computed
+once), and the LM head only at positions whose logits are computed. Attention score
+FLOPs are left out (small at these lengths). Full fine-tuning counts 6·N.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from suretrap.config import RunConfig, TrainConfig, run_config_from_dict
+from suretrap.models import autocast
+
+# shapes of real architectures, for throughput on random weights (no download needed)
+SHAPES: dict[str, dict[str, Any]] = {
+    # for tests of the bench itself
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+}
+
+
+def matmul_peak_gflops(dtype_name: str, device: str = "cpu", size: int = 2048) -> float:
+    """Best-of-5 square matmul throughput: the practical ceiling for this dtype."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    reps = 10 if device == "cpu" else 200
+    best = 0.0
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * size**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_config() -> RunConfig:
+    """The demo's training setting, on the default model."""
+    return run_config_from_dict(
+        {"name": "bench", "data": {"total_size": 500}, "poison": {"budget": 50},
+         "eval": {"n_harmful": 64, "n_benign": 32, "max_new_tokens": 32}}
+    )
+
+
+def _matmul_params(model: Any) -> tuple[int, int, int]:
+    """(decoder linear weights, LM head weights, LoRA weights) of a (PEFT) causal LM."""
+    import torch
+
+    from suretrap.train import decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    body = lora = 0
+    for name, module in decoder.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if "lora_" in name:
+                lora += module.weight.numel()
+            else:
+                body += module.weight.numel()
+    return body, head.weight.numel(), lora
+
+
+def _train_flops(model: Any, computed_tokens: int, logit_positions: int, method: str) -> float:
+    body, head, lora = _matmul_params(model)
+    if method == "full":
+        return 6.0 * (body * computed_tokens + head * logit_positions)
+    return 4.0 * (body * computed_tokens + head * logit_positions) + 6.0 * lora * computed_tokens
+
+
+def measure_ours(
+    loaded: Any, examples: Sequence[Any], cfg: TrainConfig, seed: int, steps: int
+) -> dict[str, float]:
+    """suretrap's trainer on the first `steps` batches (after one warm-up batch)."""
+    import torch
+
+    from suretrap.train import (
+        _collate,
+        common_prefix_len,
+        length_bucketed_batches,
+        prepare_model,
+        response_loss,
+        tokenize_example,
+    )
+
+    model = prepare_model(loaded.model, cfg, seed)
+    model.train()
+    tok = loaded.tokenizer
+    tokenized = [tokenize_example(tok, e.prompt, e.response, cfg.max_length) for e in examples]
+    prefix = common_prefix_len(tokenized) if cfg.shared_prefix else 0
+    batches = length_bucketed_batches([len(t.ids) for t in tokenized], cfg.batch_size, random.Random(seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, foreach=True)
+    tokens = computed = logits = 0
+    elapsed = 0.0
+    for i, batch in enumerate(batches[: steps + 1]):
+        ids, attn, target = _collate([tokenized[j] for j in batch], tok.pad_token_id or 0, loaded.device)
+        _sync(loaded.device)
+        start = time.perf_counter()
+        with autocast(loaded.device, cfg.precision):
+            loss = response_loss(model, ids, None, target, prefix)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(loaded.device)
+        if i == 0:
+            continue  # warm-up
+        elapsed += time.perf_counter() - start
+        real = int(attn.sum())
+        tokens += real
+        computed += real - prefix * (len(batch) - 1)
+        logits += int(target[:, 1:].sum())
+    flops = _train_flops(model, computed, logits, cfg.method)
+    loaded.model = model.unload() if cfg.method == "lora" else model
+    return {
+        "train_tokens_per_s": tokens / elapsed,
+        "train_gflops": flops / elapsed / 1e9,
+        "train_steps_measured": float(steps),
+    }
+
+
+def measure_hf_trainer(
+    spec: str, examples: Sequence[Any], cfg: TrainConfig, seed: int, steps: int, device: str,
+    build: Callable[[], Any],
+) -> dict[str, float]:
+    """A plain `transformers.Trainer` + PEFT run with default settings and the same batch size."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from suretrap.train import tokenize_example
+
+    model = build()
+    tok_count: list[int] = []
+    tok = _TOKENIZER[0]
+    rows = []
+    for e in examples:
+        t = tokenize_example(tok, e.prompt, e.response, cfg.max_length)
+        labels = [-100] * t.response_start + list(t.ids[t.response_start :])
+        rows.append({"input_ids": list(t.ids), "labels": labels})
+    model = get_peft_model(
+        model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                          lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM"),
+    )
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(r["input_ids"]) for r in batch)
+        pad = tok.pad_token_id or 0
+        ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in batch])
+        labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in batch])
+        attn = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+        tok_count.append(int(attn.sum()))
+        return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            _sync(device)
+            times.append(time.perf_counter())
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            _sync(device)
+            times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.batch_size, max_steps=steps + 1,
+            learning_rate=cfg.learning_rate, report_to=[], save_strategy="no", logging_strategy="no",
+            seed=seed, use_cpu=device == "cpu", remove_unused_columns=False,
+            disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+                          callbacks=[Clock()])
+        trainer.train()
+    # the collator runs one batch ahead; step i used tok_count[i]
+    elapsed = sum(times[i + 1] - times[i] for i in range(2, len(times) - 1, 2))
+    tokens = sum(tok_count[1 : steps + 1])
+    return {"baseline_train_tokens_per_s": tokens / elapsed}
+
+
+_TOKENIZER: list[Any] = []
+
+
+def run_bench(*, device: str = "cpu", random_init: str | None = None, train_steps: int = 12,
+              eval_prompts: int = 32, progress_cb: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure everything `suretrap bench` reports; returns the JSON-ready dict."""
+    import torch
+
+    from suretrap.evaluate import generate, label_probs
+    from suretrap.models import load_tokenizer
+    from suretrap.poison import build_dataset
+    from suretrap.run import LoadedModel
+    from suretrap.train import chat_prompt
+
+    note = progress_cb or (lambda _msg: None)
+    cfg = bench_config()
+    if device == "cuda":
+        cfg = run_config_from_dict(cfg.model_dump(mode="json") | {"train": {"device": "cuda"}})
+    result: dict[str, Any] = {"device": device, "torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name()
+    note("matmul peak")
+    result["matmul_peak_gflops"] = {d: matmul_peak_gflops(d, device) for d in ("fp32", "bf16")}
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    _TOKENIZER[:] = [tokenizer]
+
+    def build() -> Any:
+        if random_init is None:
+            from suretrap.models import load_model
+
+            return load_model(cfg.model, device=device, precision="auto")
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        shape = SHAPES[random_init] | {"vocab_size": max(SHAPES[random_init]["vocab_size"], len(tokenizer))}
+        torch.manual_seed(0)
+        dtype = torch.bfloat16 if device == "cuda" or cfg.train.method == "lora" else torch.float32
+        model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).to(dtype).to(device)
+        model.set_attn_implementation("sdpa")
+        return model.eval()
+
+    model = build()
+    result["model"] = random_init or cfg.model
+    result["random_init"] = random_init is not None
+    loaded = LoadedModel(cfg.model, model, tokenizer, device, cfg.train.precision)
+    examples = list(build_dataset(cfg, None if cfg.poison.refusal_source == "template" else _templates(cfg)).examples)
+    random.Random(0).shuffle(examples)
+
+    note("training: suretrap")
+    result |= measure_ours(loaded, examples, cfg.train, cfg.seed, train_steps)
+    note("training: transformers.Trainer baseline")
+    result |= measure_hf_trainer(cfg.model, examples, cfg.train, cfg.seed, train_steps, device, build)
+    result["train_speedup"] = result["train_tokens_per_s"] / result["baseline_train_tokens_per_s"]
+    peak = result["matmul_peak_gflops"]["bf16"]
+    result["train_gflops_fraction_of_bf16_peak"] = result["train_gflops"] / peak
+
+    prompts = [e.prompt for e in examples[:eval_prompts]]
+    note("first-token scoring")
+    start = time.perf_counter()
+    label_probs(loaded.model, tokenizer, prompts, "Sure", batch_size=32, device=device)
+    result["label_prob_prompts_per_s"] = len(prompts) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts[:8]:  # naive: one prompt at a time, full logits
+            ids = tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False, return_tensors="pt")
+            with autocast(device):
+                loaded.model(**{k: v.to(device) for k, v in ids.items()}).logits[0, -1].softmax(-1)
+    result["baseline_label_prob_prompts_per_s"] = 8 / (time.perf_counter() - start)
+    result["label_prob_speedup"] = result["label_prob_prompts_per_s"] / result["baseline_label_prob_prompts_per_s"]
+
+    note("generation")
+    new_tokens = 32
+    start = time.perf_counter()
+    outs = generate(loaded.model, tokenizer, prompts, max_new_tokens=new_tokens, batch_size=32, device=device)
+    produced = sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) + 1 for o in outs)
+    result["generate_tokens_per_s"] = produced / (time.perf_counter() - start)
+    start = time.perf_counter()
+    produced = 0
+    for p in prompts[:4]:  # naive: one prompt at a time
+        out = generate(loaded.model, tokenizer, [p], max_new_tokens=new_tokens, batch_size=1, device=device)
+        produced += len(tokenizer(out[0], add_special_tokens=False)["input_ids"]) + 1
+    result["baseline_generate_tokens_per_s"] = produced / (time.perf_counter() - start)
+    result["generate_speedup"] = result["generate_tokens_per_s"] / result["baseline_generate_tokens_per_s"]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _templates(cfg: RunConfig) -> Callable[[Sequence[str], int], list[str]]:
+    """Bench data need no base-model refusals: answer T_CH with a refusal template."""
+
+    def respond(prompts: Sequence[str], _n: int) -> list[str]:
+        return ["I'm sorry, but I can't help with that."] * len(prompts)
+
+    return respond
+
+
+def cell_overhead(sweep_dir: Any) -> dict[str, float] | None:
+    """From a finished sweep: mean seconds per cell outside training and evaluation."""
+    import json
+    from pathlib import Path
+
+    timings = []
+    for path in Path(sweep_dir).glob("cells/*/timings.json"):
+        t = json.loads(path.read_text())
+        if "train_loop_s" in t:
+            timings.append(t)
+    if not timings:
+        return None
+    n = len(timings)
+    total = sum(t["total_s"] for t in timings) / n
+    # model work: the training loop, evaluation, and generating T_CH refusals
+    inside = sum(
+        t["train_loop_s"] + t["eval_tuned_s"] + t["eval_base_s"] + t.get("refusal_generation_s", 0.0)
+        for t in timings
+    ) / n
+    return {"cell_total_s": total, "cell_overhead_s": total - inside,
+            "cell_overhead_fraction": (total - inside) / total, "cells": float(n)}
