@@ -176,3 +176,15 @@ def test_kill_mid_cell_then_resume_loses_and_duplicates_nothing(tmp_path, tiny_c
         # the store holds exactly the metrics of the files in place
         assert {k: v for k, v in r.items() if k.startswith(("tuned.", "base."))} == flatten_metrics(metrics)
     assert not list((out / "cells").glob("*.partial"))
+
+
+def test_packaged_demo_is_a_small_real_sweep():
+    import suretrap
+
+    spec = load_sweep(Path(suretrap.__file__).parent / "configs" / "demo.yaml")
+    cells = expand(spec)
+    budgets = sorted(c.config.poison.budget for c in cells)
+    assert len(budgets) >= 5 and budgets[0] == 0
+    assert len({c.config.data.total_size for c in cells}) == 1
+    assert len({c.config.seed for c in cells}) == 1
+    assert {c.config.model for c in cells} == {"smollm2-135m"}

@@ -154,3 +154,27 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_computation(tiny_model
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_merged_evaluation_gives_the_same_outputs_and_restores_the_base_exactly(tiny_model_dir):
+    from suretrap.train import merged_for_eval
+
+    model = prepare_model(load_model(str(tiny_model_dir)), TrainConfig(), seed=0)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits.float()
+        with merged_for_eval(model) as merged:
+            folded = merged(input_ids=ids).logits.float()
+            changed = any(
+                not torch.equal(p, base[n]) for n, p in model.named_parameters() if "lora_" not in n
+            )
+        after = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        again = model(input_ids=ids).logits.float()
+    assert changed  # the adapter really was folded in
+    assert torch.allclose(plain, folded, atol=0.05 * plain.abs().max().item())
+    assert all(torch.equal(after[n], base[n]) for n in base)  # exact restore, no bf16 drift
+    assert torch.equal(plain, again)

@@ -47,7 +47,15 @@ from suretrap.poison import (
     read_dataset,
     write_dataset,
 )
-from suretrap.train import ADAPTER_DIR, MODEL_DIR, TRAIN_LOG, prepare_model, save_trained, train
+from suretrap.train import (
+    ADAPTER_DIR,
+    MODEL_DIR,
+    TRAIN_LOG,
+    merged_for_eval,
+    prepare_model,
+    save_trained,
+    train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +195,10 @@ def stage_evaluate(
     kw = {"device": loaded.device, "precision": loaded.precision}
     if base_metrics is None:
         base_metrics = _eval_base(cfg, ds, base, loaded)
-    tuned_m, tuned_rows = evaluate_model(
-        tuned, loaded.tokenizer, items, cfg.poison.label, cfg.eval, tag="tuned", **kw
-    )
+    with merged_for_eval(tuned) as merged:
+        tuned_m, tuned_rows = evaluate_model(
+            merged, loaded.tokenizer, items, cfg.poison.label, cfg.eval, tag="tuned", **kw
+        )
     metrics = {"tuned": tuned_m, "base": base_metrics[0]}
     _write_jsonl(out / GENERATIONS_FILE, base_metrics[1] + tuned_rows)
     _dump(out / METRICS_FILE, metrics)
