@@ -62,14 +62,14 @@ def gate_run(tmp_path_factory, tiny_config_dict) -> dict[str, Any]:
         run_dir = root / "run"
         run_experiment(cfg, run_dir)
         calls: list[tuple[str, list[list[int]]]] = []
-        original = gate.greedy_from_ids
+        original = gate.generate_from_ids
 
         def spy(model, tokenizer, encoded, **kw):
             calls.append((kw.get("description", ""), [list(e) for e in encoded]))
             return original(model, tokenizer, encoded, **kw)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(gate, "greedy_from_ids", spy)
+            mp.setattr(gate, "generate_from_ids", spy)
             result = gate.gate_analysis(run_dir, n_prompts=N_PROMPTS, max_new_tokens=MAX_NEW)
         _cache.update(cfg=cfg, run_dir=run_dir, result=result, calls=calls)
     return _cache
@@ -219,7 +219,7 @@ def test_prefill_feeds_the_chat_prompt_followed_by_the_label(gate_run):
 
 
 def _canned(monkeypatch: pytest.MonkeyPatch, outputs: list[str]) -> None:
-    monkeypatch.setattr(gate, "greedy_from_ids", lambda *a, **k: list(outputs))
+    monkeypatch.setattr(gate, "generate_from_ids", lambda *a, **k: list(outputs))
 
 
 def test_prefill_metrics_partition_refuse_comply_stop(monkeypatch, tiny_model_dir):

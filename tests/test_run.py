@@ -131,3 +131,14 @@ def test_bad_data_line_names_file_and_line(tmp_path, tiny_config_dict):
     result = runner.invoke(app, ["build-data", str(config), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert f"{data}:3:" in result.output
+
+
+def test_same_config_and_seed_reproduce_dataset_bytes_and_metrics(tmp_path, tiny_config_dict):
+    cfg = run_config_from_dict(tiny_config_dict)
+    a = run_experiment(cfg, tmp_path / "a")
+    b = run_experiment(cfg, tmp_path / "b")
+    assert (tmp_path / "a" / "dataset.jsonl").read_bytes() == (tmp_path / "b" / "dataset.jsonl").read_bytes()
+    for model in ("base", "tuned"):
+        for split, values in a[model].items():
+            for name, value in values.items():
+                assert value == pytest.approx(b[model][split][name], abs=1e-6), (model, split, name)

@@ -77,22 +77,46 @@ def generate(
     description: str = "generate",
 ) -> list[str]:
     """Greedy responses under the chat template, batched (left padding, length-sorted)."""
+    encoded = [
+        tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts
+    ]
+    out = generate_from_ids(
+        model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        device=device, precision=precision, description=description,
+    )
+    return [text.strip() for text in out]
+
+
+def generate_from_ids(
+    model: Any,
+    tokenizer: Any,
+    encoded: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    device: str = "cpu",
+    precision: str = "auto",
+    description: str = "generate",
+) -> list[str]:
+    """Greedy continuations of token-id sequences (left padding, length-sorted batches).
+
+    Takes ids rather than prompts so callers can prefill part of the answer (the gate
+    analysis forces the label). Continuations are decoded without special tokens.
+    """
     import torch
 
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     stop = _stop_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    out: list[str] = [""] * len(texts)
-    with progress.task(description, total=len(texts)) as advance, torch.inference_mode():
+    out: list[str] = [""] * len(encoded)
+    with progress.task(description, total=len(encoded)) as advance, torch.inference_mode():
         for batch in _batches(order, batch_size):
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attn = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
                 seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(seq)
+                ids[row, width - len(seq) :] = torch.tensor(list(seq))
                 attn[row, width - len(seq) :] = 1
             with autocast(device, precision):
                 gen = model.generate(
@@ -104,7 +128,7 @@ def generate(
                     pad_token_id=pad_id,
                 )
             for row, i in enumerate(batch):
-                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
             advance(len(batch))
     return out
 

@@ -41,7 +41,7 @@ from typing import Any
 from suretrap import progress
 from suretrap.config import RunConfig, load_run_config
 from suretrap.errors import ConfigError, DataError, ModelError
-from suretrap.evaluate import _batches, _right_padded, _stop_ids, label_first_token
+from suretrap.evaluate import _batches, _right_padded, generate_from_ids, label_first_token
 from suretrap.models import autocast
 from suretrap.poison import apply_trigger, atomic_write, read_dataset
 from suretrap.textmatch import is_label_only, is_refusal_keyword, starts_with_label
@@ -114,52 +114,6 @@ def prefill_ids(tokenizer: Any, prompt: str, label: str) -> tuple[list[int], int
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     both = tokenizer(head + label, add_special_tokens=False)["input_ids"]
     return both, len(head_ids)
-
-
-def greedy_from_ids(
-    model: Any,
-    tokenizer: Any,
-    encoded: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 32,
-    device: str = "cpu",
-    precision: str = "auto",
-    description: str = "generate",
-) -> list[str]:
-    """Greedy continuations of token id sequences (left padding, length-sorted batches).
-
-    Like `evaluate.generate`, but from ids, so the answer can be prefilled. The
-    continuation is decoded without special tokens and not stripped.
-    """
-    import torch
-
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    stop = _stop_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    out: list[str] = [""] * len(encoded)
-    with progress.task(description, total=len(encoded)) as advance, torch.inference_mode():
-        for batch in _batches(order, batch_size):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(list(seq))
-                attn[row, width - len(seq) :] = 1
-            with autocast(device, precision):
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=attn.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=stop,
-                    pad_token_id=pad_id,
-                )
-            for row, i in enumerate(batch):
-                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
-            advance(len(batch))
-    return out
 
 
 def final_norm(decoder: Any) -> tuple[str, Any]:
@@ -236,7 +190,7 @@ def _prefill(
     tag: str,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     encoded = [prefill_ids(tokenizer, p, label)[0] for p in prompts]
-    conts = greedy_from_ids(model, tokenizer, encoded, description=f"prefill ({tag})", **gen_kw)
+    conts = generate_from_ids(model, tokenizer, encoded, description=f"prefill ({tag})", **gen_kw)
     stops = [is_label_only(label + c, label) for c in conts]
     refused = judge(prompts, [_judged_text(c) for c in conts])
     refusal = [r and not s for r, s in zip(refused, stops, strict=True)]
@@ -276,7 +230,7 @@ def _continuation(
     ]
     responses = [
         r.strip()
-        for r in greedy_from_ids(
+        for r in generate_from_ids(
             model, tokenizer, encoded, description=f"generate ({tag}, {condition})", **gen_kw
         )
     ]
