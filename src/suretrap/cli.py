@@ -323,6 +323,97 @@ def bench(
     Console().print(table)
 
 
+def _judge_options(pairs: list[str]) -> dict[str, Any]:
+    """Parse repeated ``KEY=VALUE``; a value that parses as JSON (30, 0.5, true) is typed."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--option: expected KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+@app.command("judge-eval")
+@user_errors
+def judge_eval_cmd(
+    file: Annotated[Path, typer.Argument(help="labelled completions CSV (XSTest format)")],
+    judge: Annotated[str, typer.Option(help="judge name (see docs/judges.md)")] = "offline",
+    option: Annotated[
+        list[str] | None, typer.Option("--option", "-O", help="judge option KEY=VALUE (repeatable)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="write the scores as JSON")
+    ] = None,
+) -> None:
+    """Score a refusal judge against human labels, next to XSTest's string match."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from suretrap.judges import get_judge, judge_eval
+    from suretrap.poison import atomic_write
+
+    result = judge_eval(file, get_judge(judge, **_judge_options(option or [])))
+    if out is not None:
+        atomic_write(out, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    base = result["baseline"]
+    table = Table(title=f"judge-eval {file} (n={result['n']}, positive = refusal)")
+    table.add_column("metric")
+    table.add_column(result["judge"], justify="right")
+    table.add_column(base["judge"], justify="right")
+    for key in ("accuracy", "precision", "recall", "f1"):
+        table.add_row(key, f"{result[key]:.4f}", f"{base[key]:.4f}")
+    for key in ("tp", "fp", "tn", "fn"):
+        table.add_row(key, str(result["confusion"][key]), str(base["confusion"][key]))
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def gate(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (or a sweep's cells/<hash>)")],
+    n: Annotated[int | None, typer.Option("--n", help="first N held-out harmful prompts")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 48,
+    judge: Annotated[str, typer.Option(help="refusal judge for continuations")] = "keyword",
+) -> None:
+    """Is the label a gate? Prefill, continuation and logit-lens probes; writes RUN_DIR/gate.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from suretrap.gate import GATE_FILE, gate_analysis
+
+    result = gate_analysis(run_dir, n_prompts=n, max_new_tokens=max_new_tokens, judge=judge)
+
+    def fmt(v: Any) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    table = Table(title=f"gate ({run_dir}, label {result['label']!r}, judge {result['judge']})")
+    table.add_column("measure")
+    for model in ("base", "tuned"):
+        table.add_column(model, justify="right")
+    pre = result["prefill"]
+    for key in ("prefill_refusal_rate", "prefill_compliance_rate", "prefill_stop_rate", "n"):
+        table.add_row(key, *(fmt(pre[m][key]) for m in ("base", "tuned")))
+    cont = result["continuation"]
+    for cond in ("triggered", "clean"):
+        for key in ("starts_with_label", "stops_after_label", "continuation_refusal_rate"):
+            table.add_row(f"{cond}/{key}", *(fmt(cont[m][cond][key]) for m in ("base", "tuned")))
+    lens = result["lens"]
+    if lens.get("available"):
+        for cond in ("triggered", "clean"):
+            table.add_row(
+                f"lens final P(label) {cond}", *(fmt(lens[m][cond][-1]) for m in ("base", "tuned"))
+            )
+        table.add_row("lens switch_layer", "", fmt(lens["switch_layer"]))
+    Console().print(table)
+    if not lens.get("available"):
+        typer.echo(f"logit lens skipped: {lens.get('note')}")
+    typer.echo(str(run_dir / GATE_FILE))
+
+
 def main() -> None:
     app()
 
