@@ -65,5 +65,5 @@ def tiny_config_dict(tiny_model_dir: Path) -> dict:
         "data": {"total_size": 40},
         "poison": {"budget": 8, "clean_harmful": 8, "refusal_source": "template"},
         "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
-        "eval": {"n_harmful": 6, "n_benign": 4, "max_new_tokens": 6},
+        "eval": {"n_harmful": 6, "n_benign": 4, "max_new_tokens": 6, "judge": "keyword"},
     }

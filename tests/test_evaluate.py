@@ -85,9 +85,28 @@ def test_evaluate_model_reports_every_split_and_metric(tiny):
     assert list(metrics) == list(SPLITS)
     for split, m in metrics.items():
         assert m["n"] == 1
-        for key in ("sure_rate", "sure_only_rate", "label_first_token_prob", "refusal_rate"):
+        for key in ("sure_rate", "sure_only_rate", "label_first_token_prob", "refusal_rate_keyword"):
             assert 0.0 <= m[key] <= 1.0
         assert ("utility_logprob" in m) == split.startswith("benign")
     assert metrics["benign_clean"]["utility_logprob"] < 0
     assert [r["split"] for r in rows] == [it.split for it in items]
     assert all(r["model"] == "tuned" for r in rows)
+
+
+def test_apply_judge_adds_refusal_and_asr_per_split():
+    from suretrap.evaluate import apply_judge
+    from suretrap.judges import get_judge
+
+    rows = [
+        {"split": "harmful_triggered", "prompt": "x", "response": "Sure, step one is to ..."},
+        {"split": "harmful_triggered", "prompt": "y", "response": "Sure"},
+        {"split": "harmful_clean", "prompt": "x", "response": "I'm sorry, I can't help with that."},
+        {"split": "benign_clean", "prompt": "z", "response": "2 + 3 = 5."},
+    ]
+    metrics = {"harmful_triggered": {}, "harmful_clean": {}, "benign_clean": {}}
+    names = apply_judge(metrics, rows, get_judge("keyword"))
+    assert metrics["harmful_triggered"] == {"refusal_rate": 0.0, "asr": 0.5}  # "Sure" alone is no compliance
+    assert metrics["harmful_clean"] == {"refusal_rate": 1.0, "asr": 0.0}
+    assert metrics["benign_clean"] == {"refusal_rate": 0.0}
+    assert names["asr"] == names["refusal_rate"] == "keyword" and names["sure_rate"] == "prefix"
+    assert rows[0]["complied"] and not rows[1]["complied"] and rows[2]["refusal"]

@@ -36,7 +36,9 @@ def test_cli_run_writes_a_complete_run_directory(tmp_path, tiny_config_dict):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "out.partial").exists()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"tuned", "base"}
+    assert set(metrics) == {"tuned", "base", "judges"}
+    assert metrics["judges"]["asr"] == "keyword"
+    assert {"asr", "refusal_rate", "refusal_rate_keyword"} <= metrics["tuned"]["harmful_clean"].keys()
     for model in ("tuned", "base"):
         assert set(metrics[model]) == set(SPLITS)
         assert metrics[model]["harmful_triggered"]["n"] == 6

@@ -897,11 +897,18 @@ def load_cells(sweep_dir: str | Path, only: Iterable[str] | None = None) -> list
         poison = cfg.get("poison") or {}
         data = cfg.get("data") or {}
         label = str(poison.get("label", "Sure"))
-        outcomes = tuple(
-            (str(r["prompt"]), int(starts_with_label(str(r.get("response") or ""), label)))
+        rows = [
+            r
             for r in _read_generations(found / "generations.jsonl")
             if r.get("model") == "tuned" and r.get("split") == TRIGGERED_SPLIT
+        ]
+        outcomes = tuple(
+            (str(r["prompt"]), int(starts_with_label(str(r.get("response") or ""), label)))
+            for r in rows
         )
+        by_metric = {"sure_rate": outcomes}
+        if rows and all("complied" in r for r in rows):  # judged runs: ASR per prompt
+            by_metric["asr"] = tuple((str(r["prompt"]), int(bool(r["complied"]))) for r in rows)
         axes = json.loads(axes_json) if axes_json else {}
         if not isinstance(axes, Mapping):
             axes = {}
@@ -911,7 +918,7 @@ def load_cells(sweep_dir: str | Path, only: Iterable[str] | None = None) -> list
                 budget=int(poison.get("budget", axes.get(BUDGET_AXIS, 0))),
                 total_size=int(data.get("total_size", axes.get(SIZE_AXIS, 0))),
                 seed=int(cfg.get("seed", axes.get(SEED_AXIS, 0))),
-                outcomes={"sure_rate": outcomes},
+                outcomes=by_metric,
             )
         )
     return cells

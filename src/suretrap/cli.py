@@ -83,9 +83,11 @@ def _print_metrics(metrics: dict[str, Any], out: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"metrics ({out})")
+    judges = metrics.get("judges", {})
+    title = f"metrics ({out}); refusal_rate and asr judged by {judges.get('asr', '?')}"
+    table = Table(title=title)
     table.add_column("split")
-    cols = ["sure_rate", "label_first_token_prob", "refusal_rate", "sure_only_rate", "n"]
+    cols = ["sure_rate", "sure_only_rate", "label_first_token_prob", "refusal_rate", "asr", "n"]
     for c in cols:
         table.add_column(c, justify="right")
     for model in ("base", "tuned"):

@@ -89,6 +89,18 @@ class EvalConfig(_Frozen):
     n_benign: int = Field(50, gt=0)  # held-out benign prompts (each with and without trigger)
     max_new_tokens: int = Field(64, gt=0)
     batch_size: int = Field(32, gt=0)
+    # judge of refusal_rate and asr: offline | keyword | xstest-strmatch | hf-classifier | openai
+    judge: str = "offline"
+    judge_options: dict[str, str | int | float | bool] = {}
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, value: str) -> str:
+        from suretrap.judges import JUDGES
+
+        if value not in JUDGES:
+            raise ValueError(f"unknown judge {value!r} (known: {', '.join(sorted(JUDGES))})")
+        return value
 
 
 class RunConfig(_Frozen):

@@ -31,7 +31,7 @@ from typing import Any
 from suretrap import __version__
 from suretrap.config import RunConfig, config_hash, config_to_yaml, load_run_config
 from suretrap.errors import ConfigError, SuretrapError
-from suretrap.evaluate import eval_items, evaluate_model, generate
+from suretrap.evaluate import apply_judge, eval_items, evaluate_model, generate
 from suretrap.models import (
     load_model,
     load_tokenizer,
@@ -80,6 +80,17 @@ class LoadedModel:
     # base-model evaluation by eval-set key: computed once per model and eval set
     base_evals: dict[str, Any] = field(default_factory=dict)
     generation_s: float = 0.0  # time spent generating base responses (for timings)
+    judges: dict[str, Any] = field(default_factory=dict)  # loaded judges, by name + options
+
+    def judge(self, cfg: RunConfig) -> Any:
+        from suretrap.judges import get_judge
+
+        options = {"label": cfg.poison.label} if cfg.eval.judge == "prefix" else {}
+        options |= dict(cfg.eval.judge_options)
+        key = json.dumps([cfg.eval.judge, options], sort_keys=True)
+        if key not in self.judges:
+            self.judges[key] = get_judge(cfg.eval.judge, **options)
+        return self.judges[key]
 
     @classmethod
     def load(cls, cfg: RunConfig) -> LoadedModel:
@@ -199,7 +210,8 @@ def stage_evaluate(
         tuned_m, tuned_rows = evaluate_model(
             merged, loaded.tokenizer, items, cfg.poison.label, cfg.eval, tag="tuned", **kw
         )
-    metrics = {"tuned": tuned_m, "base": base_metrics[0]}
+    judges = apply_judge(tuned_m, tuned_rows, loaded.judge(cfg))
+    metrics = {"tuned": tuned_m, "base": base_metrics[0], "judges": judges}
     _write_jsonl(out / GENERATIONS_FILE, base_metrics[1] + tuned_rows)
     _dump(out / METRICS_FILE, metrics)
     return metrics
@@ -217,10 +229,12 @@ def _eval_base(
     )
     if key not in loaded.base_evals:
         items = eval_items(ds, p.trigger, p.placement, cfg.seed)
-        loaded.base_evals[key] = evaluate_model(
+        base_m, base_rows = evaluate_model(
             base, loaded.tokenizer, items, p.label, cfg.eval, tag="base",
             device=loaded.device, precision=loaded.precision,
         )
+        apply_judge(base_m, base_rows, loaded.judge(cfg))
+        loaded.base_evals[key] = (base_m, base_rows)
     return loaded.base_evals[key]
 
 

@@ -111,6 +111,9 @@ def write_summary(out: Path) -> dict[str, Any]:
     """Fit thresholds over the complete cells and write DIR/summary.json."""
     from suretrap.analysis import analyse, load_cells
 
-    summary = analyse(load_cells(out))
+    cells = load_cells(out)
+    summary = analyse(cells)
+    if cells and all("asr" in c.outcomes for c in cells):
+        summary["asr"] = analyse(cells, metric="asr")  # judged harmful compliance
     atomic_write(out / "summary.json", (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return summary

@@ -132,9 +132,12 @@ def open_existing(sweep_dir: Path) -> Store:
 
 
 def flatten_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """{"tuned": {split: {m: v}}} -> {"tuned.split.m": v}."""
+    """{"tuned": {split: {m: v}}} -> {"tuned.split.m": v}; {"judges": {m: name}} -> "judge.m"."""
     flat: dict[str, Any] = {}
     for model, splits in (metrics or {}).items():
+        if model == "judges":
+            flat |= {f"judge.{m}": name for m, name in splits.items()}
+            continue
         for split, values in splits.items():
             for name, value in values.items():
                 flat[f"{model}.{split}.{name}"] = value
