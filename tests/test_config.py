@@ -378,10 +378,13 @@ CHANGES: list[tuple[str, Any]] = [
     ("train.grad_clip", 0.5),
     ("train.precision", "fp32"),
     ("train.device", "cpu"),
+    ("train.shared_prefix", False),
     ("eval.n_harmful", 99),
     ("eval.n_benign", 49),
     ("eval.max_new_tokens", 32),
     ("eval.batch_size", 16),
+    ("eval.judge", "keyword"),
+    ("eval.judge_options", {"label": "Okay"}),
 ]
 
 

@@ -174,7 +174,7 @@ def test_kill_mid_cell_then_resume_loses_and_duplicates_nothing(tmp_path, tiny_c
         run_dir = out / r["run_dir"]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         # the store holds exactly the metrics of the files in place
-        assert {k: v for k, v in r.items() if k.startswith(("tuned.", "base."))} == flatten_metrics(metrics)
+        assert {k: v for k, v in r.items() if k.startswith(("tuned.", "base.", "judge."))} == flatten_metrics(metrics)
     assert not list((out / "cells").glob("*.partial"))
 
 
