@@ -5,6 +5,7 @@ User errors (SuretrapError) print one line on stderr and exit with status 2.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -53,6 +54,11 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("suretrap: interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            # a read-only, full or forbidden output location: say where, not a traceback
+            if exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM):
+                _fail(f"{exc.filename or 'output'}: cannot write ({exc.strerror})")
+            raise
 
     return wrapper  # type: ignore[return-value]
 
