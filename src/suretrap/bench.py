@@ -148,7 +148,7 @@ def measure_ours(
 
 def measure_hf_trainer(
     spec: str, examples: Sequence[Any], cfg: TrainConfig, seed: int, steps: int, device: str,
-    build: Callable[[], Any],
+    build: Callable[..., Any],
 ) -> dict[str, float]:
     """A plain `transformers.Trainer` + PEFT run with default settings and the same batch size."""
     import tempfile
@@ -159,7 +159,7 @@ def measure_hf_trainer(
 
     from suretrap.train import tokenize_example
 
-    model = build()
+    model = build(baseline=True)
     tok_count: list[int] = []
     tok = _TOKENIZER[0]
     rows = []
@@ -235,16 +235,18 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     tokenizer = load_tokenizer("smollm2-135m")
     _TOKENIZER[:] = [tokenizer]
 
-    def build() -> Any:
+    def build(baseline: bool = False) -> Any:
+        # the baseline gets what a plain user gets: the checkpoint's fp32 weights on CPU
+        precision = "fp32" if baseline and device == "cpu" else "auto"
         if random_init is None:
             from suretrap.models import load_model
 
-            return load_model(cfg.model, device=device, precision="auto")
+            return load_model(cfg.model, device=device, precision=precision)
         from transformers import LlamaConfig, LlamaForCausalLM
 
         shape = SHAPES[random_init] | {"vocab_size": max(SHAPES[random_init]["vocab_size"], len(tokenizer))}
         torch.manual_seed(0)
-        dtype = torch.bfloat16 if device == "cuda" or cfg.train.method == "lora" else torch.float32
+        dtype = torch.bfloat16 if precision == "auto" else torch.float32
         model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).to(dtype).to(device)
         model.set_attn_implementation("sdpa")
         return model.eval()
