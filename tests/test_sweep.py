@@ -123,6 +123,18 @@ def test_tiny_sweep_runs_resumes_and_exports(tmp_path, tiny_config_dict, monkeyp
     run_sweep(bigger, out, resume=True, analyse=False)
     assert len(table(out)) == 6 and all(r["attempts"] == 1 for r in table(out))
 
+    # a grid with a new axis that includes known cells gives them that axis's value
+    size = tiny_config_dict["data"]["total_size"]
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(yaml.safe_dump({
+        "base": tiny_config_dict,
+        "axes": {"poison.budget": [0], "seed": [0], "data.total_size": [size]},
+    }))
+    run_sweep(wider, out, resume=True, analyse=False)
+    rows = table(out)
+    assert len(rows) == 6 and all(r["attempts"] == 1 for r in rows)
+    assert [r["data.total_size"] for r in rows if r["poison.budget"] == 0 and r["seed"] == 0] == [size]
+
     for fmt in ("csv", "json", "parquet"):
         target = tmp_path / f"results.{fmt}"
         result = runner.invoke(app, ["results", str(out), "--format", fmt, "--out", str(target)])
@@ -131,7 +143,9 @@ def test_tiny_sweep_runs_resumes_and_exports(tmp_path, tiny_config_dict, monkeyp
     data = json.loads((tmp_path / "results.json").read_text())
     assert {"config_hash", "status", "poison.budget", "seed", "base.harmful_clean.sure_rate"} <= data[0].keys()
     csv_out = runner.invoke(app, ["results", str(out)])
-    assert csv_out.output.splitlines()[0].startswith("config_hash,status,poison.budget,seed")
+    header = csv_out.output.splitlines()[0].split(",")
+    assert header[:2] == ["config_hash", "status"]
+    assert set(header[2:5]) == {"poison.budget", "seed", "data.total_size"}  # the axes next
 
 
 def _db_rows(out: Path) -> list[tuple[str, str, int]]:

@@ -74,13 +74,28 @@ class Store:
                 raise
 
     def register(self, config_hash: str, axes: dict[str, Any], config: dict[str, Any]) -> None:
-        """Add a cell as pending unless it is already known."""
+        """Add a cell as pending unless it is already known.
+
+        A known cell reached from another sweep file gains that file's axis names (same
+        config, so the values agree): a demo cell reused by a wider grid is then grouped
+        with its new neighbours by dataset size, model, and so on.
+        """
         self._write(
             "INSERT OR IGNORE INTO cells (config_hash, status, axes, config, run_dir) "
             "VALUES (?, 'pending', ?, ?, ?)",
             (config_hash, json.dumps(axes, sort_keys=True), json.dumps(config, sort_keys=True),
              f"cells/{config_hash}"),
         )
+        row = self.conn.execute(
+            "SELECT axes FROM cells WHERE config_hash = ?", (config_hash,)
+        ).fetchone()
+        known = json.loads(row["axes"])
+        merged = known | {k: v for k, v in axes.items() if k not in known}
+        if merged != known:
+            self._write(
+                "UPDATE cells SET axes = ? WHERE config_hash = ?",
+                (json.dumps(merged, sort_keys=True), config_hash),
+            )
 
     def status(self, config_hash: str) -> str | None:
         row = self.conn.execute(
