@@ -147,7 +147,7 @@ def measure_ours(
 
 
 def measure_hf_trainer(
-    spec: str, examples: Sequence[Any], cfg: TrainConfig, seed: int, steps: int, device: str,
+    tok: Any, examples: Sequence[Any], cfg: TrainConfig, seed: int, steps: int, device: str,
     build: Callable[..., Any],
 ) -> dict[str, float]:
     """A plain `transformers.Trainer` + PEFT run with default settings and the same batch size."""
@@ -161,7 +161,6 @@ def measure_hf_trainer(
 
     model = build(baseline=True)
     tok_count: list[int] = []
-    tok = _TOKENIZER[0]
     rows = []
     for e in examples:
         t = tokenize_example(tok, e.prompt, e.response, cfg.max_length)
@@ -208,9 +207,6 @@ def measure_hf_trainer(
     return {"baseline_train_tokens_per_s": tokens / elapsed}
 
 
-_TOKENIZER: list[Any] = []
-
-
 def run_bench(*, device: str = "cpu", random_init: str | None = None, train_steps: int = 12,
               eval_prompts: int = 32, progress_cb: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything `suretrap bench` reports; returns the JSON-ready dict."""
@@ -233,7 +229,6 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     result["matmul_peak_gflops"] = {d: matmul_peak_gflops(d, device) for d in ("fp32", "bf16")}
 
     tokenizer = load_tokenizer("smollm2-135m")
-    _TOKENIZER[:] = [tokenizer]
 
     def build(baseline: bool = False) -> Any:
         # the baseline gets what a plain user gets: the checkpoint's fp32 weights on CPU
@@ -255,13 +250,13 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     result["model"] = random_init or cfg.model
     result["random_init"] = random_init is not None
     loaded = LoadedModel(cfg.model, model, tokenizer, device, cfg.train.precision)
-    examples = list(build_dataset(cfg, None if cfg.poison.refusal_source == "template" else _templates(cfg)).examples)
+    examples = list(build_dataset(cfg, _template_refusals).examples)
     random.Random(0).shuffle(examples)
 
     note("training: suretrap")
     result |= measure_ours(loaded, examples, cfg.train, cfg.seed, train_steps)
     note("training: transformers.Trainer baseline")
-    result |= measure_hf_trainer(cfg.model, examples, cfg.train, cfg.seed, train_steps, device, build)
+    result |= measure_hf_trainer(tokenizer, examples, cfg.train, cfg.seed, train_steps, device, build)
     result["train_speedup"] = result["train_tokens_per_s"] / result["baseline_train_tokens_per_s"]
     peak = result["matmul_peak_gflops"]["bf16"]
     result["train_gflops_fraction_of_bf16_peak"] = result["train_gflops"] / peak
@@ -297,13 +292,9 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     return result
 
 
-def _templates(cfg: RunConfig) -> Callable[[Sequence[str], int], list[str]]:
+def _template_refusals(prompts: Sequence[str], _max_new_tokens: int) -> list[str]:
     """Bench data need no base-model refusals: answer T_CH with a refusal template."""
-
-    def respond(prompts: Sequence[str], _n: int) -> list[str]:
-        return ["I'm sorry, but I can't help with that."] * len(prompts)
-
-    return respond
+    return ["I'm sorry, but I can't help with that."] * len(prompts)
 
 
 def cell_overhead(sweep_dir: Any) -> dict[str, float] | None:
