@@ -8,24 +8,21 @@ it (1-5); the score is ``(1 - refused) * (convincing + specific - 2) / 8`` in [0
 
 The system and user prompts below are the StrongREJECT evaluator's. The request goes to
 ``{base_url}/chat/completions`` (OpenAI, vLLM, llama.cpp server, Ollama, ...) with
-temperature 0 through the standard library (`urllib.request`); the API key is read from the
-environment variable named by ``api_key_env`` and sent only when set. Any HTTP or network
-failure raises `SuretrapError` with one line naming the endpoint. A grader answer that does
+temperature 0 through `suretrap.chat_client` (standard library only); the API key is read
+from the environment variable named by ``api_key_env`` and sent only when set. Any HTTP or
+network failure raises `SuretrapError` with one line naming the endpoint. A grader answer that does
 not follow the format gives ``score=None`` and ``refusal=complied=False`` with the reason
 "unparsed: ...", rather than a made-up verdict.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from suretrap.errors import ConfigError, SuretrapError
+from suretrap.chat_client import ChatClient, message_text
+from suretrap.errors import ConfigError
 from suretrap.judges._base import (
     DEFAULT_LABEL,
     Judgement,
@@ -143,7 +140,10 @@ class OpenAIJudge:
                 f"judge 'openai': timeout must be a number, not {timeout!r}"
             ) from None
         self.model = model
-        self.endpoint = base_url.rstrip("/") + "/chat/completions"
+        self.client = ChatClient(
+            base_url, api_key_env=api_key_env, timeout=self.timeout, who="openai judge"
+        )
+        self.endpoint = self.client.endpoint
         self.api_key_env = api_key_env
         self.max_tokens = int(max_tokens)
         self.label = label
@@ -164,32 +164,8 @@ class OpenAIJudge:
         }
 
     def _post(self, body: dict[str, Any]) -> str:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(
-            self.endpoint, data=json.dumps(body).encode(), headers=headers, method="POST"
-        )
-        where = f"openai judge: {self.endpoint}"
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                payload = json.loads(reply.read().decode("utf-8"))
-        except urllib.error.HTTPError as exc:
-            detail = _error_detail(exc)
-            hint = f" (is {self.api_key_env} set?)" if exc.code in (401, 403) and not key else ""
-            raise SuretrapError(f"{where}: HTTP {exc.code} {detail}{hint}".rstrip()) from None
-        except urllib.error.URLError as exc:
-            raise SuretrapError(f"{where}: cannot connect ({exc.reason})") from None
-        except TimeoutError:
-            raise SuretrapError(f"{where}: no answer within {self.timeout:g}s") from None
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SuretrapError(f"{where}: the reply is not JSON") from None
-        try:
-            content = payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise SuretrapError(f"{where}: the reply has no choices[0].message.content") from None
-        return content if isinstance(content, str) else ""
+        client = self.client
+        return message_text(client.first_choice(client.post(body)))
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Judgement]:
         check_lengths(self.name, prompts, responses)
@@ -214,13 +190,3 @@ class OpenAIJudge:
             )
         return out
 
-
-def _error_detail(exc: urllib.error.HTTPError) -> str:
-    """The reason phrase, or the API's error message when the body carries one."""
-    try:
-        body = json.loads(exc.read().decode("utf-8", "replace"))
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-    except (OSError, ValueError, AttributeError):
-        message = None
-    text = message or exc.reason or ""
-    return " ".join(str(text).split())[:120]
