@@ -14,10 +14,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from suretrap.errors import ConfigError
 
+# `model: openai:NAME` names a model served by an OpenAI-compatible chat endpoint
+ENDPOINT_PREFIX = "openai:"
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 
 class _Frozen(BaseModel):
     # strict: `budget: "3"` or `seed: true` are typos, not values to coerce
@@ -105,13 +117,68 @@ class EvalConfig(_Frozen):
 
 class RunConfig(_Frozen):
     name: str = "run"
-    model: str = "smollm2-135m"  # alias, HF hub id or local path (directory or .gguf)
+    model: str = "smollm2-135m"  # alias, HF hub id, local path (directory or .gguf), openai:NAME
+    # only with `model: openai:NAME`: the endpoint (".../v1") and the environment variable
+    # holding its API key (null = OPENAI_API_KEY). Left out of dumps when null, so the
+    # hashes of local-model configs do not change.
+    base_url: str | None = None
+    api_key_env: str | None = None
     seed: int = 0
     trust_remote_code: bool = False  # never on unless asked: it runs code from the model repo
     data: DataConfig = DataConfig()
     poison: PoisonConfig = PoisonConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _endpoint_name(cls, value: str) -> str:
+        if value.startswith(ENDPOINT_PREFIX):
+            name = value[len(ENDPOINT_PREFIX) :]
+            if not name.strip() or name != name.strip():
+                raise ValueError(f"{ENDPOINT_PREFIX}NAME needs a model name without surrounding spaces")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_for_endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")
+        if model is None:  # the model field itself failed: that error is reported
+            return value
+        if not model.startswith(ENDPOINT_PREFIX):
+            if value is not None:
+                raise ValueError(f"only allowed with model: {ENDPOINT_PREFIX}NAME")
+            return value
+        if value is None:
+            raise ValueError(f"required with model: {model} (e.g. https://api.openai.com/v1)")
+        if not value.startswith(("http://", "https://")) or len(value.split("://", 1)[1]) == 0:
+            raise ValueError(f"must be an http(s):// URL, not {value!r}")
+        return value
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env_for_endpoint(cls, value: str | None, info: ValidationInfo) -> str | None:
+        model = info.data.get("model")
+        if value is None or model is None:
+            return value
+        if not model.startswith(ENDPOINT_PREFIX):
+            raise ValueError(f"only allowed with model: {ENDPOINT_PREFIX}NAME")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"must be an environment variable name, not {value!r}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_endpoint_fields(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        for key in ("base_url", "api_key_env"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+    @property
+    def is_endpoint(self) -> bool:
+        """The model under test is served by an OpenAI-compatible endpoint (not loaded)."""
+        return self.model.startswith(ENDPOINT_PREFIX)
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> RunConfig:

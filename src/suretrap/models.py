@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from suretrap.config import ENDPOINT_PREFIX
 from suretrap.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ def cache_dir() -> Path:
 
 def resolve_model(spec: str) -> ModelSource:
     """Turn a `model:` string into a ModelSource, or raise ModelError naming it."""
+    if spec.startswith(ENDPOINT_PREFIX):
+        # served by an endpoint: nothing to load, and no weights for suretrap to tune
+        raise ModelError(
+            f"model: {spec} is served by an OpenAI-compatible endpoint: suretrap cannot load or "
+            "fine-tune it (export the training set with `suretrap build-data --format "
+            "openai-chat`, fine-tune with the vendor, then `suretrap evaluate`)"
+        )
     if spec in ALIASES:
         package, filename = ALIASES[spec]
         found = importlib.util.find_spec(package)  # find, don't import: it imports `llm`
