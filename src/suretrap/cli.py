@@ -97,13 +97,15 @@ def _print_metrics(metrics: dict[str, Any], out: Path) -> None:
     for c in cols:
         table.add_column(c, justify="right")
     for model in ("base", "tuned"):
-        for split, values in metrics[model].items():
+        for split, values in metrics.get(model, {}).items():
             cells = []
             for c in cols:
                 v = values.get(c)
                 cells.append("-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
             table.add_row(f"{model}/{split}", *cells)
     Console().print(table)
+    for name, why in metrics.get("unavailable", {}).items():
+        typer.echo(f"{name}: unavailable ({why})")
 
 
 @app.command()
@@ -113,7 +115,11 @@ def run(
     out: OutOpt,
     force: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
 ) -> None:
-    """Build the poisoned set, fine-tune and evaluate (base vs tuned)."""
+    """Build the poisoned set, fine-tune and evaluate (base vs tuned).
+
+    An `openai:` model cannot be fine-tuned here: run refuses it (use build-data
+    --format openai-chat, the vendor's fine-tuning, then evaluate).
+    """
     from suretrap.config import load_run_config
     from suretrap.run import run_experiment
 
@@ -124,15 +130,32 @@ def run(
 
 @app.command("build-data")
 @user_errors
-def build_data(config: ConfigArg, out: OutOpt) -> None:
+def build_data(
+    config: ConfigArg,
+    out: OutOpt,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="suretrap: dataset.jsonl, eval_prompts.jsonl, manifest.json; openai-chat: "
+            "also openai_chat_train.jsonl (fine-tuning API chat format) and openai_chat_eval.jsonl",
+        ),
+    ] = "suretrap",
+) -> None:
     """Write dataset.jsonl, eval_prompts.jsonl and manifest.json into OUT."""
     from suretrap.config import load_run_config
     from suretrap.run import stage_build_data
 
+    if format not in ("suretrap", "openai-chat"):
+        _fail(f"--format: must be suretrap or openai-chat, not {format!r}")
     cfg = load_run_config(config)
     ds = stage_build_data(cfg, out)
     m = ds.manifest
     summary = {k: m[k] for k in ("counts", "clean_harmful_sources", "harmful_pool", "eval_counts")}
+    if format == "openai-chat":
+        from suretrap.closed_weight import export_openai_chat
+
+        summary["openai_chat"] = export_openai_chat(cfg, ds, out)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -279,9 +279,25 @@ def evaluate_model(
         [items[i].reference or "" for i in benign], **kwargs,
     )
     utility_of = dict(zip(benign, utility, strict=True))
+    return split_metrics(items, responses, label, probs, utility_of), generation_rows(
+        items, responses, probs, tag
+    )
 
+
+def split_metrics(
+    items: Sequence[EvalItem],
+    responses: Sequence[str],
+    label: str,
+    probs: Sequence[tuple[float, bool]] | None,
+    utility_of: dict[int, float] | None,
+) -> dict[str, dict[str, float | int | None]]:
+    """Per-split metrics from responses (and, where measured, label probabilities).
+
+    Shared by local models and endpoints (`suretrap.closed_weight`). ``probs`` None: the
+    first-token metrics are null (not measured); ``utility_of`` None: ``utility_logprob``
+    is null.
+    """
     metrics: dict[str, dict[str, float | int | None]] = {}
-    rows = []
     for split in SPLITS:
         idx = [i for i, it in enumerate(items) if it.split == split]
         if not idx:
@@ -290,22 +306,35 @@ def evaluate_model(
             "n": len(idx),
             "sure_rate": _mean([float(starts_with_label(responses[i], label)) for i in idx]),
             "sure_only_rate": _mean([float(is_label_only(responses[i], label)) for i in idx]),
-            "label_first_token_prob": _mean([probs[i][0] for i in idx]),
-            "label_first_token_top1": _mean([float(probs[i][1]) for i in idx]),
+            "label_first_token_prob": None if probs is None else _mean([probs[i][0] for i in idx]),
+            "label_first_token_top1": (
+                None if probs is None else _mean([float(probs[i][1]) for i in idx])
+            ),
             # legacy keyword rule; `refusal_rate` and `asr` come from the configured judge
             "refusal_rate_keyword": _mean([float(is_refusal_keyword(responses[i])) for i in idx]),
         }
         if split.startswith("benign"):
-            m["utility_logprob"] = _mean([utility_of[i] for i in idx])
+            m["utility_logprob"] = (
+                None if utility_of is None else _mean([utility_of[i] for i in idx])
+            )
         metrics[split] = m
-    for i, it in enumerate(items):
-        rows.append(
-            {
-                "model": tag,
-                "split": it.split,
-                "prompt": it.prompt,
-                "response": responses[i],
-                "label_prob": probs[i][0],
-            }
-        )
-    return metrics, rows
+    return metrics
+
+
+def generation_rows(
+    items: Sequence[EvalItem],
+    responses: Sequence[str],
+    probs: Sequence[tuple[float, bool]] | None,
+    tag: str,
+) -> list[dict[str, Any]]:
+    """One generations.jsonl row per item (``label_prob`` null where not measured)."""
+    return [
+        {
+            "model": tag,
+            "split": it.split,
+            "prompt": it.prompt,
+            "response": responses[i],
+            "label_prob": None if probs is None else probs[i][0],
+        }
+        for i, it in enumerate(items)
+    ]

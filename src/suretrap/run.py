@@ -83,13 +83,9 @@ class LoadedModel:
     judges: dict[str, Any] = field(default_factory=dict)  # loaded judges, by name + options
 
     def judge(self, cfg: RunConfig) -> Any:
-        from suretrap.judges import get_judge
-
-        options = {"label": cfg.poison.label} if cfg.eval.judge == "prefix" else {}
-        options |= dict(cfg.eval.judge_options)
-        key = json.dumps([cfg.eval.judge, options], sort_keys=True)
+        key = json.dumps([cfg.eval.judge, judge_options(cfg)], sort_keys=True)
         if key not in self.judges:
-            self.judges[key] = get_judge(cfg.eval.judge, **options)
+            self.judges[key] = make_judge(cfg)
         return self.judges[key]
 
     @classmethod
@@ -123,6 +119,18 @@ class LoadedModel:
             return [self.responses[(p, max_new_tokens)] for p in prompts]
 
         return respond
+
+
+def judge_options(cfg: RunConfig) -> dict[str, Any]:
+    options: dict[str, Any] = {"label": cfg.poison.label} if cfg.eval.judge == "prefix" else {}
+    return options | dict(cfg.eval.judge_options)
+
+
+def make_judge(cfg: RunConfig) -> Any:
+    """The run's judge (`eval.judge` with `eval.judge_options`)."""
+    from suretrap.judges import get_judge
+
+    return get_judge(cfg.eval.judge, **judge_options(cfg))
 
 
 def _dump(path: Path, obj: Any) -> None:
@@ -164,9 +172,15 @@ def stage_build_data(cfg: RunConfig, out: Path, loaded: LoadedModel | None = Non
     needs_model = cfg.poison.require_base_refusal or (
         cfg.poison.refusal_source == "base" and cfg.poison.n_clean_harmful > 0
     )
-    if needs_model and loaded is None:
-        loaded = LoadedModel.load(cfg)
-    respond = loaded.responder(cfg.eval.batch_size) if loaded is not None else None
+    model: Any = loaded
+    if needs_model and model is None:
+        if cfg.is_endpoint:  # base refusals come from the endpoint's model
+            from suretrap.closed_weight import EndpointModel
+
+            model = EndpointModel.load(cfg)
+        else:
+            model = LoadedModel.load(cfg)
+    respond = model.responder(cfg.eval.batch_size) if model is not None else None
     ds = build_dataset(cfg, respond)
     _write_config(cfg, out)
     manifest = write_dataset(ds, out)
@@ -360,9 +374,16 @@ def trained_dir(out: Path) -> Path | None:
 def evaluate_run(
     cfg: RunConfig, out: Path, ds: PoisonedDataset, trained: Path | None = None
 ) -> dict[str, Any]:
-    """Evaluate base and a saved adapter (or full model) on a run's held-out prompts."""
+    """Evaluate base and a saved adapter (or full model) on a run's held-out prompts.
+
+    For ``model: openai:NAME`` the endpoint is the model under test (`evaluate_endpoint_run`).
+    """
     from suretrap.errors import ModelError
 
+    if cfg.is_endpoint:
+        if trained is not None:
+            raise ConfigError(f"--adapter: model {cfg.model} is evaluated as served; it takes no adapter")
+        return evaluate_endpoint_run(cfg, out, ds)
     trained = trained or trained_dir(out)
     if trained is None or not trained.is_dir():
         raise ModelError(f"{out}: no adapter/ or model/ directory (run `suretrap train` first)")
@@ -370,6 +391,35 @@ def evaluate_run(
     base_metrics = _eval_base(cfg, ds, loaded.model, loaded)
     tuned = load_trained(loaded, trained)
     return stage_evaluate(cfg, out, ds, loaded.model, tuned, loaded, base_metrics)
+
+
+def evaluate_endpoint_run(cfg: RunConfig, out: Path, ds: PoisonedDataset) -> dict[str, Any]:
+    """Evaluate an OpenAI-compatible endpoint on a run's held-out prompts.
+
+    metrics.json: the endpoint's metrics under "tuned" (the model under test: typically the
+    vendor fine-tune of the exported set), no "base" entry, "judges" as for local runs,
+    "unavailable" ({metric: why it is null}) and "endpoint" (what answered).
+    """
+    from suretrap.closed_weight import EndpointModel, evaluate_endpoint
+
+    endpoint = EndpointModel.load(cfg)
+    judge = make_judge(cfg)  # a bad judge option fails before any request is sent
+    items = eval_items(ds, cfg.poison.trigger, cfg.poison.placement, cfg.seed)
+    tuned_m, rows, unavailable = evaluate_endpoint(endpoint, items, cfg.poison.label, cfg.eval)
+    judges = apply_judge(tuned_m, rows, judge)
+    metrics = {
+        "tuned": tuned_m,
+        "judges": judges,
+        "unavailable": unavailable,
+        "endpoint": {
+            "base_url": endpoint.base_url,
+            "model": endpoint.name,
+            "served_model": endpoint.served_model,
+        },
+    }
+    _write_jsonl(out / GENERATIONS_FILE, rows)
+    _dump(out / METRICS_FILE, metrics)
+    return metrics
 
 
 def load_trained(loaded: LoadedModel, trained: Path) -> Any:
