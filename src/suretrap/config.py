@@ -1,8 +1,9 @@
 """Typed run configuration, loaded from YAML.
 
 Configs are frozen pydantic models that reject unknown keys. Field names and nesting of
-`name, model, seed, data.*, poison.*, train.*, eval.*` are a public contract: other scripts
-read them. Errors name the field and, for YAML files, the line.
+`name, model, seed, data.*, poison.*, train.*, eval.*` (and `base_url, api_key_env` with
+`model: openai:NAME`) are a public contract: other scripts read them. Errors name the
+field and, for YAML files, the line.
 """
 
 from __future__ import annotations

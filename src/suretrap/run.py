@@ -9,6 +9,8 @@ A run directory holds:
   adapter/           PEFT LoRA adapter, safetensors (or model/ for full fine-tuning)
   train_log.jsonl    one line per optimiser step
   metrics.json       {"tuned": {split: {metric: value}}, "base": {...}}
+                     (an openai: endpoint: "tuned", "judges", "unavailable", "endpoint";
+                     see docs/closed-weight.md)
   generations.jsonl  model, split, prompt, response
 
 `run_experiment` works in `<out>.partial` and renames it to `<out>` only when every file
