@@ -23,8 +23,8 @@ where a token matches when, after dropping its leading whitespace, it is non-emp
 either a prefix of the label ("S", "Su", "Sure" for "Sure") or the label followed by a
 non-alphanumeric character ("Sure," but not "Surely"). Matching is case-sensitive and on
 the token's UTF-8 bytes (the ``bytes`` field when the server sends it), so byte-level
-pieces of a non-Latin label count. Tokens outside the top 20 are not seen: the sum is a
-lower bound. When any reply lacks top_logprobs (or the endpoint rejects the parameter),
+pieces of a non-Latin label count. A strict prefix ("S") may go on to another word (an
+over-count) and tokens outside the top 20 are not seen (an under-count). When any reply lacks top_logprobs (or the endpoint rejects the parameter),
 both metrics are null for every split and metrics.json says why under "unavailable" --
 never a number that was not measured. ``utility_logprob`` is always unavailable: a chat
 endpoint does not score given text.
