@@ -268,3 +268,29 @@ def test_run_survives_sigkill_and_rerun_replaces_what_is_incomplete(tmp_path, sm
     assert refused.exitcode == 2 and "--force" in refused.log
     assert (foreign / "notes.txt").read_text() == "mine"
     assert kills >= len(RUN_SCHEDULE) - 1 + 2
+
+
+def test_crash_point_kills_only_at_the_named_pass(monkeypatch):
+    import os
+    import signal
+
+    from suretrap import crashpoints
+
+    monkeypatch.delenv(crashpoints.ENV, raising=False)
+    crashpoints.crash_point("train")  # unset: nothing happens
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: survives train #1 and dataset #1, dies at train #2
+        os.environ[crashpoints.ENV] = "train:2, dataset:3"
+        crashpoints._passed.clear()
+        crashpoints.crash_point("train")
+        crashpoints.crash_point("dataset")
+        os.write(write_end, b"survived the first passes")
+        crashpoints.crash_point("train")
+        os.write(write_end, b"; and the second")
+        os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        assert pipe.read() == b"survived the first passes"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL

@@ -16,9 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from suretrap.cli import MAX_ERROR_CHARS, app
+from suretrap.errors import ConfigError
+from suretrap.sweep import expand, load_sweep
 
 runner = CliRunner()
 
@@ -397,3 +401,41 @@ def test_results_store_that_fills_up(tmp_path, tiny_config_dict, monkeypatch):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"base": tiny_config_dict, "axes": {"seed": list(range(40))}}))
     fails_cleanly(["sweep", str(sweep), "--out", str(tmp_path / "s")], "results.sqlite", "database or disk is full")
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    """'Billion laughs': aliases that expand to 9**9 items if anything walked them."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    config = tmp_path / "run.yaml"
+    config.write_text("\n".join(levels) + "\npoison: {trigger: *a8}\n")
+    fails_cleanly(["run", str(config), "--out", str(tmp_path / "out")], "run.yaml:9", "poison.trigger")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("\n".join(levels) + "\nbase: {}\naxes: {seed: *a8}\n")
+    fails_cleanly(["sweep", str(sweep), "--out", str(tmp_path / "s")], "sweep.yaml")
+
+
+# ------------------------------------------------------------------------------ fuzzing
+
+_SWEEP_LINES = [
+    "base:", "base: {}", "base: run.yaml", "base: 3", "  name: x", "  poison: {budget: 2}",
+    "  poison: {budget: -1}", "  data: {total_size: 5}", "  bogus: 1", "axes:", "axes: []",
+    "axes: {seed: [0, 1]}", "  seed: [0, 1]", "  poison.budget: [0, 4]", "  poison.budget: []",
+    "  poison.bugdet: [1]", "  model: [smollm2-135m]", "  seed: 3", "  data.total_size: [0]",
+    "  train.lora.r: [4, 8]", "  eval.judge: [keyword, nope]", "extra: 1", "- 1", "\t", "---",
+    "  seed: [" + "9" * 5000 + "]", "  name: [" + "[" * 50 + "]",
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from(_SWEEP_LINES), max_size=8), noise=st.text(max_size=20))
+def test_any_sweep_file_expands_or_raises_one_line_config_error(tmp_path, lines, noise):
+    (tmp_path / "run.yaml").write_text("name: base\npoison: {budget: 3}\n")
+    path = tmp_path / "sweep.yaml"
+    path.write_text("\n".join(lines) + "\n" + noise, encoding="utf-8")
+    try:
+        cells = expand(load_sweep(path))
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith(str(path))
+        return
+    assert len({c.config_hash for c in cells}) == len(cells)
