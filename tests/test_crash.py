@@ -45,9 +45,48 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> CliServer:
     return CliServer(tmp_path_factory.mktemp("cli-logs"))
 
 
+@pytest.fixture(scope="module")
+def small_vocab_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """conftest's tiny random Llama with a 1,000-token byte-level BPE vocabulary (trained
+    here on the built-in prompts) and SmolLM2's chat template. Each of the ~35 processes
+    then loads its tokenizer in about 0.06 s instead of 1.4 s (SmolLM2's 49k vocabulary),
+    and the LM head is 50x smaller; measured: a 3-cell sweep 5.8 s instead of 8.9 s."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from suretrap.data import benign_pairs, harmful_requests
+
+    texts = [p.prompt + " " + p.response for p in benign_pairs("builtin", 300, 0)]
+    texts += [r.prompt for r in harmful_requests("builtin")]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    ))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, initializer_range=0.3, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("small-vocab-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture()
-def small_config(tiny_config_dict: dict) -> dict:
-    return tiny_config_dict | SIZES
+def small_config(tiny_config_dict: dict, small_vocab_model_dir: Path) -> dict:
+    return tiny_config_dict | SIZES | {"model": str(small_vocab_model_dir)}
 
 
 # ------------------------------------------------------------------------------ checks
@@ -164,8 +203,8 @@ def test_sweep_survives_sigkill_in_every_phase(tmp_path, small_config, server):
         check_sweep_state(out, hashes)
     statuses = check_sweep_state(out, hashes)
     assert sorted(statuses.values()) == ["complete", "pending", "running"]  # third untouched
-    for _ in range(RANDOM_KILLS):  # at a random moment of the third cell (or after it)
-        outcome = server.run(argv, kill_after=rng.uniform(0.5, 5.0))
+    for _ in range(RANDOM_KILLS):  # at a random moment of the third cell (or of the summary after it)
+        outcome = server.run(argv, kill_after=rng.uniform(0.3, 2.5))
         assert outcome.exitcode in (-9, 0), (outcome.exitcode, outcome.log[-3000:])
         if outcome.killed:
             kills.append("random")
