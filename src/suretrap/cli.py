@@ -34,7 +34,12 @@ ConfigArg = Annotated[Path, typer.Argument(help="run config (YAML)")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory")]
 
 
+MAX_ERROR_CHARS = 1000  # a hostile input (a 10 MB line) must not become a 10 MB message
+
+
 def _fail(message: str) -> None:
+    if len(message) > MAX_ERROR_CHARS:
+        message = message[: MAX_ERROR_CHARS - 3] + "..."
     typer.echo(f"suretrap: error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -56,7 +61,10 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(130) from None
         except OSError as exc:
             # a read-only, full or forbidden output location: say where, not a traceback
-            if exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM):
+            if exc.errno in (
+                errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM,
+                errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
+            ):
                 _fail(f"{exc.filename or 'output'}: cannot write ({exc.strerror})")
             raise
 
@@ -81,8 +89,20 @@ def _setup_logging(verbose: bool) -> None:
 @app.callback()
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress details")] = False,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="also load pickled .bin weights and adapters (they can run code; "
+            "by default only safetensors are loaded)",
+        ),
+    ] = False,
 ) -> None:
     _setup_logging(verbose)
+    if allow_pickle:
+        from suretrap.models import PICKLE_ENV
+
+        os.environ[PICKLE_ENV] = "1"  # read where weights are loaded, in sweep workers too
 
 
 def _print_metrics(metrics: dict[str, Any], out: Path) -> None:

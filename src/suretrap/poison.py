@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from suretrap import __version__
 from suretrap.config import RunConfig, config_hash
+from suretrap.crashpoints import crash_point
 from suretrap.data import Pair, Request, benign_pairs, harmful_requests
 from suretrap.errors import ConfigError, DataError
 from suretrap.textmatch import is_refusal_keyword, normalise_prompt, starts_with_label
@@ -162,6 +163,11 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
     p = cfg.poison
     rng = random.Random(cfg.seed)
     eval_harmful, pool = _split_eval_harmful(cfg, rng)
+    _check_trigger_absent(
+        p.trigger, [r.prompt for r in eval_harmful],
+        "data.eval_harmful" if cfg.data.eval_harmful else "data.harmful",
+        cfg.data.eval_harmful or cfg.data.harmful,
+    )
     needs_model = p.require_base_refusal or (p.refusal_source == "base" and p.n_clean_harmful)
     if needs_model and respond is None:
         raise ConfigError("poison.refusal_source: 'base' refusals need the base model")
@@ -211,6 +217,11 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
     n_benign = cfg.data.total_size - len(examples)
     held_harmful = {normalise_prompt(r.prompt) for r in eval_harmful}
     eval_benign, train_benign = _split_benign(cfg, n_benign, held_harmful)
+    _check_trigger_absent(
+        p.trigger, [b.prompt for b in eval_benign],
+        "data.eval_benign" if cfg.data.eval_benign else "data.benign",
+        cfg.data.eval_benign or cfg.data.benign,
+    )
     examples += [Example(b.prompt, b.response, "benign", b.family, "benign") for b in train_benign]
     rng.shuffle(examples)
 
@@ -240,6 +251,22 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
         + sum(_contains_word(b.prompt, p.trigger) for b in eval_benign),
     }
     return PoisonedDataset(tuple(examples), tuple(eval_harmful), tuple(eval_benign), manifest)
+
+
+def _check_trigger_absent(trigger: str, prompts: Sequence[str], field: str, source: str) -> None:
+    """Refuse a trigger that evaluation prompts already contain.
+
+    Such a prompt would be triggered in the "clean" splits too, so clean and triggered
+    rates would measure the same thing.
+    """
+    hits = [prompt for prompt in prompts if _contains_word(prompt, trigger)]
+    if hits:
+        example = " ".join(hits[0].split())
+        example = example if len(example) <= 80 else example[:77] + "..."
+        raise ConfigError(
+            f"poison.trigger: {trigger!r} already appears in {len(hits)} evaluation prompt(s) "
+            f"of {field} ({source}), e.g. {example!r}; choose a word none of them contains"
+        )
 
 
 def _check_disjoint(
@@ -277,11 +304,17 @@ def _jsonl_bytes(rows: Sequence[dict[str, Any]]) -> bytes:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so a crash never leaves a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file behind
+        if exc.filename is None:  # write()/fsync() errors carry no name: give the file's
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
 
 
 def write_dataset(ds: PoisonedDataset, out_dir: Path) -> dict[str, Any]:
@@ -300,6 +333,7 @@ def write_dataset(ds: PoisonedDataset, out_dir: Path) -> dict[str, Any]:
         "eval_hash": hashlib.sha256(eval_data).hexdigest(),
     }
     atomic_write(out_dir / DATASET_FILE, data)
+    crash_point("dataset")
     atomic_write(out_dir / EVAL_FILE, eval_data)
     atomic_write(out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest

@@ -32,6 +32,7 @@ from typing import Any
 
 from suretrap import __version__
 from suretrap.config import RunConfig, config_hash, config_to_yaml, load_run_config
+from suretrap.crashpoints import crash_point
 from suretrap.errors import ConfigError, SuretrapError
 from suretrap.evaluate import apply_judge, eval_items, evaluate_model, generate
 from suretrap.models import (
@@ -39,9 +40,13 @@ from suretrap.models import (
     load_tokenizer,
     model_fingerprint,
     pick_device,
+    pickle_allowed,
     resolve_model,
 )
 from suretrap.poison import (
+    DATASET_FILE,
+    EVAL_FILE,
+    MANIFEST_FILE,
     PoisonedDataset,
     atomic_write,
     build_dataset,
@@ -161,6 +166,7 @@ def environment(cfg: RunConfig, device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "model": cfg.model,
         "model_files": model_fingerprint(resolve_model(cfg.model)),
+        "allow_pickle": pickle_allowed(),
     }
 
 
@@ -200,6 +206,7 @@ def stage_train(cfg: RunConfig, out: Path, loaded: LoadedModel, ds: PoisonedData
     staging = out / ".trained.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     saved = save_trained(model, loaded.tokenizer, cfg.train.method, staging)
+    crash_point("save")
     final = out / saved.name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(saved, final)
@@ -228,7 +235,9 @@ def stage_evaluate(
         )
     judges = apply_judge(tuned_m, tuned_rows, loaded.judge(cfg))
     metrics = {"tuned": tuned_m, "base": base_metrics[0], "judges": judges}
+    crash_point("evaluate")
     _write_jsonl(out / GENERATIONS_FILE, base_metrics[1] + tuned_rows)
+    crash_point("evaluate")
     _dump(out / METRICS_FILE, metrics)
     return metrics
 
@@ -266,9 +275,26 @@ def _same_config(out: Path, cfg: RunConfig) -> bool:
         return False
 
 
+# every file a finished run directory holds (besides adapter/ or model/)
+RUN_FILES = (
+    CONFIG_FILE, ENV_FILE, DATASET_FILE, EVAL_FILE, MANIFEST_FILE, TRAIN_LOG, GENERATIONS_FILE,
+    METRICS_FILE,
+)
+
+
 def run_complete(out: Path) -> bool:
-    """A run directory is complete when its metrics exist (they are written last)."""
-    return (out / METRICS_FILE).is_file() and (out / CONFIG_FILE).is_file()
+    """True if `out` holds every file of a finished run and its dataset matches its hashes.
+
+    `run_experiment` only ever renames a finished directory into place, so this is a check
+    against directories left by other means (stage commands, older versions, hand edits).
+    """
+    trained = trained_dir(out)
+    return (
+        all((out / name).is_file() for name in RUN_FILES)
+        and trained is not None
+        and any(trained.glob("*.safetensors"))
+        and dataset_complete(out)
+    )
 
 
 def complete_for(out: Path, cfg: RunConfig) -> bool:
@@ -288,27 +314,41 @@ def run_experiment(
         if complete_for(out, cfg) and not force:
             log.info("%s is already complete for this config", out)
             return json.loads((out / METRICS_FILE).read_text())
-        if not force:
+        if not force and not _unfinished_same_run(out, cfg):
             raise ConfigError(
                 f"{out}: exists and holds another run (or no complete run); "
                 "choose a new --out or pass --force to replace it"
             )
     resolve_model(cfg.model)  # fail on a bad model path before creating anything
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # never trust a half-written run
+    aside = out.with_name(out.name + ".old")
+    for leftover in (partial, aside):  # a crash's leftovers: never trusted, rebuilt
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         partial.mkdir(parents=True)
     except OSError as exc:
         raise ConfigError(f"{partial}: cannot create the run directory ({exc.strerror})") from None
     try:
         metrics = _run_stages(cfg, partial, loaded)
-    except SuretrapError:
-        shutil.rmtree(partial, ignore_errors=True)  # bad input: leave nothing behind
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # bad input, full disk, ^C: leave nothing
         raise
+    crash_point("rename")
     if out.exists():
-        shutil.rmtree(out)
+        # Move the old run aside rather than delete it in place: a crash mid-delete would
+        # leave a directory named `out` that is neither run.
+        os.replace(out, aside)
+        crash_point("rename")
     os.replace(partial, out)
+    shutil.rmtree(aside, ignore_errors=True)
     return metrics
+
+
+def _unfinished_same_run(out: Path, cfg: RunConfig) -> bool:
+    """`out` is empty, or an unfinished run of this very config: safe to rebuild over."""
+    if not out.is_dir():
+        return False
+    return not any(out.iterdir()) or _same_config(out, cfg)
 
 
 def _run_stages(cfg: RunConfig, partial: Path, loaded: LoadedModel | None) -> dict[str, Any]:
@@ -431,11 +471,14 @@ def load_trained(loaded: LoadedModel, trained: Path) -> Any:
     if (trained / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        if not (trained / "adapter_model.safetensors").is_file():
-            raise ModelError(f"{trained}: adapter weights must be safetensors")
+        if not (trained / "adapter_model.safetensors").is_file() and not pickle_allowed():
+            raise ModelError(
+                f"{trained}: no adapter_model.safetensors (pickled adapter weights are not "
+                "loaded unless --allow-pickle is given)"
+            )
         try:
             return PeftModel.from_pretrained(loaded.model, str(trained), is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{trained}: adapter does not fit model {loaded.spec} ({first})") from None
     return load_model(str(trained), device=loaded.device, precision=loaded.precision)

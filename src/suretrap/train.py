@@ -23,6 +23,7 @@ from typing import Any
 
 from suretrap import progress
 from suretrap.config import TrainConfig
+from suretrap.crashpoints import crash_point
 from suretrap.models import autocast
 from suretrap.poison import Example
 
@@ -255,6 +256,7 @@ def train(
                         }
                         log_file.write(json.dumps(record) + "\n")
                     advance(1, loss=loss_value)
+                    crash_point("train")
     finally:
         if log_file is not None:
             log_file.close()

@@ -41,6 +41,7 @@ from suretrap.judges._base import (
     is_content_free,
     register,
 )
+from suretrap.models import use_safetensors
 
 __all__ = ["FORMATS", "HARMBENCH_PROMPT", "HFClassifierJudge"]
 
@@ -156,7 +157,7 @@ class HFClassifierJudge:
             auto = AutoModelForSequenceClassification
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_id)
-            model = auto.from_pretrained(self.model_id, dtype=dtype)
+            model = auto.from_pretrained(self.model_id, dtype=dtype, use_safetensors=use_safetensors())
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"hf-classifier: cannot load {self.model_id!r} ({first})") from None

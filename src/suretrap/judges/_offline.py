@@ -100,7 +100,9 @@ class Embedder:
         path = model_dir()
         # A local directory: nothing is fetched, HF_HUB_OFFLINE=1 or not.
         self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device)
+        self._model = AutoModel.from_pretrained(
+            path, local_files_only=True, use_safetensors=True
+        ).to(self.device)
         self._model.eval()
 
     def embed(self, texts: Sequence[str], max_length: int) -> np.ndarray:

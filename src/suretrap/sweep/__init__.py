@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from suretrap import progress
+from suretrap.crashpoints import crash_point
 from suretrap.errors import ConfigError, SuretrapError
 from suretrap.poison import atomic_write
 from suretrap.sweep.grid import Cell, SweepSpec, cell_for, expand, load_sweep
@@ -79,6 +80,7 @@ def run_cells(
                     loaded = None  # its state is unknown after a crash mid-cell
                     advance(1)
                     continue
+                crash_point("cell_done")
                 store.mark_complete(cell.config_hash, metrics, read_timings(run_dir))
                 if on_done is not None:
                     on_done(cell, metrics)

@@ -16,6 +16,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from suretrap.crashpoints import crash_point
 from suretrap.errors import ConfigError
 
 DB_FILE = "results.sqlite"
@@ -50,6 +51,8 @@ class Store:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:  # read-only, full, missing directory, locked
+            raise ConfigError(f"{self.path}: cannot open the results database ({exc})") from None
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"{self.path}: not a suretrap results database ({exc})") from None
         self.conn.row_factory = sqlite3.Row
@@ -64,14 +67,19 @@ class Store:
         self.close()
 
     def _write(self, sql: str, params: Iterable[Any]) -> None:
-        with closing(self.conn.cursor()) as cur:
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute(sql, tuple(params))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        try:
+            with closing(self.conn.cursor()) as cur:
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    cur.execute(sql, tuple(params))
+                    crash_point("store")
+                    cur.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        cur.execute("ROLLBACK")
+                    raise
+        except sqlite3.OperationalError as exc:  # disk full, read-only file, lock timeout
+            raise ConfigError(f"{self.path}: cannot write the results database ({exc})") from None
 
     def register(self, config_hash: str, axes: dict[str, Any], config: dict[str, Any]) -> None:
         """Add a cell as pending unless it is already known.
