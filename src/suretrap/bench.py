@@ -239,11 +239,13 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
             return load_model(cfg.model, device=device, precision=precision)
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from suretrap.models import use_fast_attention
+
         shape = SHAPES[random_init] | {"vocab_size": max(SHAPES[random_init]["vocab_size"], len(tokenizer))}
         torch.manual_seed(0)
         dtype = torch.bfloat16 if precision == "auto" else torch.float32
         model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).to(dtype).to(device)
-        model.set_attn_implementation("sdpa")
+        use_fast_attention(model, device)
         return model.eval()
 
     model = build()

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from suretrap.config import ENDPOINT_PREFIX
 from suretrap.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -62,6 +61,9 @@ def cache_dir() -> Path:
 
 def resolve_model(spec: str) -> ModelSource:
     """Turn a `model:` string into a ModelSource, or raise ModelError naming it."""
+    # imported here: config imports the judges, whose loaders import this module
+    from suretrap.config import ENDPOINT_PREFIX
+
     if spec.startswith(ENDPOINT_PREFIX):
         # served by an endpoint: nothing to load, and no weights for suretrap to tune
         raise ModelError(
@@ -256,6 +258,7 @@ def load_model(
         hint = "" if pickle_allowed() else f"; {_NO_PICKLE_HINT}"
         raise ModelError(f"model: {spec}: cannot load weights ({_first_line(exc)}{hint})") from None
     model.to(device)
+    use_fast_attention(model, device)
     model.eval()
     return model
 
@@ -280,6 +283,20 @@ def is_causal_lm(config: Any) -> bool:
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return False
     return model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or bool(getattr(config, "is_decoder", False))
+
+
+def use_fast_attention(model: Any, device: str) -> None:
+    """On CPU, switch to the matmul-based attention of `cpu_attention` (SDPA's CPU kernel is
+    2-4x slower at instruction-tuning lengths). Elsewhere transformers' default (SDPA/flash)
+    stays. Models that do not take pluggable attention keep theirs."""
+    if device != "cpu":
+        return
+    from suretrap.cpu_attention import register
+
+    try:
+        model.set_attn_implementation(register())
+    except (ValueError, AttributeError, NotImplementedError):
+        log.info("%s keeps its own attention implementation", type(model).__name__)
 
 
 def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:
