@@ -224,7 +224,10 @@ def sweep(
     ] = "local",
     address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster to join (host:port or auto; default: start a local Ray)"),
+        typer.Option(
+            help="with --backend ray: the cluster to join, HOST:PORT or auto (default: the "
+            "cluster `ray start` runs on this machine, else a new local Ray runtime)"
+        ),
     ] = None,
 ) -> None:
     """Run every cell of a grid (resumable); writes results.sqlite, cells/, summary.json."""

@@ -59,7 +59,13 @@ class CellWorker:
     """A Ray actor body: holds one base model and runs the cells it is given, one at a time."""
 
     def __init__(self) -> None:
+        import ray
+
         self.loaded: Any = None  # a LoadedModel, loaded by the first cell that needs it
+        if not ray.get_gpu_ids():
+            # Ray (>= 2.4x) leaves CUDA_VISIBLE_DEVICES alone for a worker given no GPU, so
+            # `train.device: auto` would take a GPU the scheduler never gave it
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
     def run(self, cell: Cell, out: str) -> dict[str, Any]:
         from suretrap.run import LoadedModel
