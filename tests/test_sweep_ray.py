@@ -182,9 +182,29 @@ def test_cells_group_by_model_so_a_worker_reuses_its_base_model(
 
 def test_more_resources_than_the_cluster_has_is_refused(tmp_path, tiny_config_dict, ray_runtime):
     spec = _sweep_file(tmp_path, tiny_config_dict, {"seed": [0]}, {"num_gpus": 1})
+    out = tmp_path / "sweep"
     with pytest.raises(ConfigError, match=r"resources: each worker asks for num_cpus=1, num_gpus=1 "
                                           r"but the Ray cluster has 2 CPUs and 0 GPUs"):
-        run_sweep(spec, tmp_path / "sweep", backend="ray", analyse=False)
+        run_sweep(spec, out, backend="ray", analyse=False)
+    assert not (out / "results.sqlite").exists()
+
+
+def test_a_cell_that_raises_is_retried_then_recorded_failed_with_the_error(
+    tmp_path, tiny_config_dict, tiny_model_dir, ray_runtime
+):
+    broken = tmp_path / "broken-model"  # weights that fail to load with a non-suretrap error
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)
+    spec = _sweep_file(tmp_path, tiny_config_dict | {"model": str(broken)}, {"seed": [0]},
+                       {"num_cpus": 1, "max_retries": 1})
+    out = tmp_path / "sweep"
+    statuses = run_sweep(spec, out, backend="ray", analyse=False)
+    assert list(statuses.values()) == ["failed"]
+    [row] = _rows(out).values()
+    assert row["attempts"] == 2  # the first try and one retry
+    assert row["error"].startswith("SafetensorError: ")
+    assert row["metrics"] is None
+    assert not (out / "cells").exists() or not any((out / "cells").iterdir())
 
 
 def _descendants(pid: int) -> list[int]:

@@ -86,17 +86,16 @@ class CellWorker:
         return info | {"status": "complete", "metrics": metrics, "timings": timings}
 
 
-def worker_count(ray: Any, resources: SweepResources, n_cells: int) -> int:
-    """How many workers to start: max_workers, or as many as the cluster's resources fit."""
+def worker_slots(ray: Any, resources: SweepResources) -> int:
+    """How many workers may run at once: max_workers, or as many as the cluster's resources fit."""
     if resources.max_workers is not None:
-        return min(resources.max_workers, n_cells)
+        return resources.max_workers
     total = ray.cluster_resources()
-    fits = [
+    slots = min(
         math.floor(total.get(name, 0) / need + 1e-9)  # 1 / 0.1 is 9.999...
         for name, need in (("CPU", resources.num_cpus), ("GPU", resources.num_gpus))
         if need > 0
-    ]
-    slots = min(fits)
+    )
     if slots < 1:
         raise ConfigError(
             f"resources: each worker asks for num_cpus={resources.num_cpus:g}, "
@@ -104,7 +103,7 @@ def worker_count(ray: Any, resources: SweepResources, n_cells: int) -> int:
             f"{total.get('CPU', 0):g} CPUs and {total.get('GPU', 0):g} GPUs "
             "(set resources.max_workers to wait for an autoscaler to add nodes)"
         )
-    return min(slots, n_cells)
+    return slots
 
 
 def describe(exc: BaseException) -> str:
@@ -140,6 +139,7 @@ def run_cells_ray(
     started_here = connect(ray, address)
     workers: list[Any] = []
     try:
+        slots = worker_slots(ray, resources)  # before the store: a sweep that cannot run writes nothing
         with Store(out) as store:
             for cell in cells:
                 store.register(cell.config_hash, cell.axes, cell.config.model_dump(mode="json"))
@@ -151,8 +151,7 @@ def run_cells_ray(
                 num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
                 max_restarts=0, max_task_retries=0,  # the driver retries (see above)
             )(CellWorker)
-            n_workers = worker_count(ray, resources, len(todo)) if todo else 0
-            workers = [worker_class.remote() for _ in range(n_workers)]
+            workers = [worker_class.remote() for _ in range(min(slots, len(todo)))]
             holds: list[tuple[Any, ...] | None] = [None] * len(workers)  # model key each worker holds
             tries: Counter[str] = Counter()
             in_flight: dict[Any, tuple[int, Cell]] = {}
