@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -85,6 +86,23 @@ def test_without_ray_the_local_backend_works_and_ray_says_how_to_install(
     assert result.exit_code == 2 and "available: local, ray" in result.output
     result = runner.invoke(app, ["sweep", str(spec), "--out", str(out), "--resume", "--address", "auto"])
     assert result.exit_code == 2 and "--address: only with --backend ray" in result.output
+
+
+def test_an_address_where_nothing_listens_fails_at_once():
+    from suretrap.sweep.ray_backend import check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")  # something listens: fine
+    # closed now: ray.init would retry this address for minutes; we stop at once
+    with pytest.raises(ConfigError, match=rf"^--address 127.0.0.1:{port}: no Ray cluster reachable there"):
+        check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match="expected HOST:PORT, auto, or ray://HOST:PORT"):
+        check_reachable("headnode")
+    for not_checked in (None, "auto", "ray://head:10001"):
+        check_reachable(not_checked)
 
 
 # ---------------------------------------------------------------------- a local Ray runtime
@@ -186,7 +204,7 @@ def test_more_resources_than_the_cluster_has_is_refused(tmp_path, tiny_config_di
     with pytest.raises(ConfigError, match=r"resources: each worker asks for num_cpus=1, num_gpus=1 "
                                           r"but the Ray cluster has 2 CPUs and 0 GPUs"):
         run_sweep(spec, out, backend="ray", analyse=False)
-    assert not (out / "results.sqlite").exists()
+    assert not out.exists()  # refused before anything was written
 
 
 def test_a_cell_that_raises_is_retried_then_recorded_failed_with_the_error(

@@ -220,7 +220,7 @@ def sweep(
     out: OutOpt,
     resume: Annotated[bool, typer.Option(help="continue a sweep already in OUT")] = False,
     backend: Annotated[
-        str, typer.Option(help="local (this process) | ray (pip install 'suretrap[ray]')")
+        str, typer.Option(help="local (this process) | ray (needs the extra: pip install 'suretrap\\[ray]')")
     ] = "local",
     address: Annotated[
         str | None,

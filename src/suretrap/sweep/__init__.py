@@ -7,6 +7,7 @@ and eval set). Each cell is a normal run directory under `DIR/cells/<config_hash
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import traceback
@@ -122,25 +123,27 @@ def run_sweep(
     if address is not None and backend != "ray":
         raise ConfigError("--address: only with --backend ray")
     if backend == "ray":
-        from suretrap.sweep.ray_backend import import_ray
+        from suretrap.sweep import ray_backend
 
-        import_ray()  # before anything is written: without Ray, say how to install it
+        ray_backend.import_ray()  # first: without Ray, say how to install it
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
     cells = expand(spec)
     if (out / DB_FILE).exists() and not resume:
         raise ConfigError(f"{out}: already holds a sweep; pass --resume to continue it")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        out / SPEC_FILE,
-        (json.dumps({"base": spec.base, "axes": spec.axes}, indent=2, sort_keys=True) + "\n").encode(),
-    )
-    if backend == "ray":
-        from suretrap.sweep.ray_backend import run_cells_ray
-
-        statuses = run_cells_ray(cells, out, spec.resources, address=address)
-    else:
-        statuses = run_cells(cells, out)
+    with contextlib.ExitStack() as stack:
+        if backend == "ray":
+            # join the cluster and check it can run a worker before anything is written
+            stack.enter_context(ray_backend.cluster(address, spec.resources))
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            out / SPEC_FILE,
+            (json.dumps({"base": spec.base, "axes": spec.axes}, indent=2, sort_keys=True) + "\n").encode(),
+        )
+        if backend == "ray":
+            statuses = ray_backend.run_cells_ray(cells, out, spec.resources, address=address)
+        else:
+            statuses = run_cells(cells, out)
     if analyse:
         write_summary(out)
     return statuses

@@ -23,10 +23,13 @@ a filesystem every node sees; the driver checks that it can see a cell before re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import socket
 from collections import Counter, deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,12 +122,45 @@ def connect(ray: Any, address: str | None) -> bool:
     """Join the cluster at `address` (or start a local one). True if this call started Ray."""
     if ray.is_initialized():
         return False
+    check_reachable(address)
     try:
         ray.init(address=address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"--address {address}" if address else "ray"
         raise ConfigError(f"{where}: cannot start or reach a Ray cluster ({describe(exc)})") from None
     return True
+
+
+def check_reachable(address: str | None) -> None:
+    """Fail fast on a HOST:PORT where nothing listens.
+
+    Hand-written because ray.init keeps retrying an unreachable GCS address for minutes
+    (over 5 here) before it gives up.
+    """
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected HOST:PORT, auto, or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--address {address}: no Ray cluster reachable there ({exc.strerror or exc})"
+        ) from None
+
+
+@contextlib.contextmanager
+def cluster(address: str | None, resources: SweepResources) -> Iterator[None]:
+    """Ray joined (or started) and checked to fit `resources`, for the block; then let go."""
+    ray = import_ray()
+    started_here = connect(ray, address)
+    try:
+        worker_slots(ray, resources)
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def run_cells_ray(
