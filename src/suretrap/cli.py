@@ -262,14 +262,21 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="sweep YAML: base run config + axes")],
     out: OutOpt,
     resume: Annotated[bool, typer.Option(help="continue a sweep already in OUT")] = False,
-    backend: Annotated[str, typer.Option(help="local")] = "local",
+    backend: Annotated[
+        str, typer.Option(help="local (this process) | ray (needs the extra: pip install 'suretrap\\[ray]')")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="with --backend ray: the cluster to join, HOST:PORT or auto (default: the "
+            "cluster `ray start` runs on this machine, else a new local Ray runtime)"
+        ),
+    ] = None,
 ) -> None:
     """Run every cell of a grid (resumable); writes results.sqlite, cells/, summary.json."""
     from suretrap.sweep import run_sweep
 
-    if backend != "local":
-        _fail(f"--backend: unknown backend {backend!r} (available: local)")
-    statuses = run_sweep(spec, out, resume=resume)
+    statuses = run_sweep(spec, out, resume=resume, backend=backend, address=address)
     counts = {s: list(statuses.values()).count(s) for s in ("complete", "failed", "pending")}
     typer.echo(f"sweep {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 

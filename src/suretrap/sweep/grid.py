@@ -8,6 +8,11 @@ The YAML shape is a public contract:
       data.total_size: [1000, 10000]
       model: [smollm2-135m]
       seed: [0, 1, 2]
+    resources:                     # optional; read by `--backend ray` only
+      num_gpus: 1                  # GPUs per worker; 0.25 = four workers share one GPU
+      num_cpus: 1                  # CPU cores per worker
+      max_retries: 2               # re-runs of a cell whose worker died or raised
+      max_workers: null            # null = as many as the cluster's resources fit
 
 Each cell is identified by the hash of its full resolved run config, so the same cell
 reached from two sweep files (or from `suretrap threshold`) is one cell.
@@ -22,19 +27,49 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from suretrap.config import (
     RunConfig,
     _line_of,
     _resolve_paths,
     config_hash,
+    format_validation_error,
     parse_yaml,
     run_config_from_dict,
 )
 from suretrap.errors import ConfigError
 
-SWEEP_KEYS = {"base", "axes"}
+SWEEP_KEYS = {"base", "axes", "resources"}
+
+
+class SweepResources(BaseModel):
+    """What each distributed worker asks the scheduler for (`resources:` in a sweep file).
+
+    Not part of any cell's config hash: the same cell run on a laptop or a cluster is one
+    cell. The local backend ignores it (it runs in one process on what it has).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    # Ray's own rule: a quantity above 1 must be whole (2 GPUs, not 1.5)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    max_retries: int = Field(2, ge=0)
+    max_workers: int | None = Field(None, gt=0)
+
+    @field_validator("num_gpus", "num_cpus", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        # strict mode refuses an int for a float field; 1 GPU is a fine way to say 1.0
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("num_gpus", "num_cpus")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and not value.is_integer():
+            raise ValueError("a quantity above 1 must be a whole number (Ray's rule)")
+        return value
 
 
 @dataclass(frozen=True)
@@ -51,6 +86,7 @@ class SweepSpec:
     base: dict[str, Any]  # raw run config (paths already resolved)
     axes: dict[str, list[Any]]
     source: str = "<sweep>"
+    resources: SweepResources = SweepResources()
     node: yaml.Node | None = field(default=None, compare=False, repr=False)
 
 
@@ -72,7 +108,9 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: a sweep must be a mapping with keys 'base' and 'axes'")
     for key in raw:
         if key not in SWEEP_KEYS:
-            raise ConfigError(f"{path}:{_line_of(node, (key,))}: {key}: unknown key (expected base, axes)")
+            raise ConfigError(
+                f"{path}:{_line_of(node, (key,))}: {key}: unknown key (expected base, axes, resources)"
+            )
     base = raw.get("base")
     if isinstance(base, str):
         base_path = (path.parent / base).resolve()
@@ -92,7 +130,19 @@ def load_sweep(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{path}:{line}: axes.{name}: not a run config field")
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}:{line}: axes.{name}: must be a non-empty list")
-    return SweepSpec(base, axes, str(path), node)
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise ConfigError(
+            f"{path}:{_line_of(node, ('resources',))}: resources: must be a mapping "
+            "(num_gpus, num_cpus, max_retries, max_workers)"
+        )
+    try:
+        parsed = SweepResources.model_validate(resources)
+    except ValidationError as err:
+        raise ConfigError(
+            format_validation_error(err, str(path), resources, node, prefix=("resources",))
+        ) from None
+    return SweepSpec(base, axes, str(path), resources=parsed, node=node)
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
