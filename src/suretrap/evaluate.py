@@ -154,6 +154,41 @@ def label_first_token(tokenizer: Any, prompt: str, label: str) -> tuple[list[int
     return head_ids, both[len(head_ids)] if len(both) > len(head_ids) else both[-1]
 
 
+def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix common to every sequence, leaving each at least one token."""
+    if not seqs:
+        return 0
+    limit = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
+def _suffix_hidden(decoder: Any, seqs: Sequence[Sequence[int]], prefix: int, pad_id: int,
+                   device: str) -> Any:
+    """Last hidden states of right-padded `seqs` minus their shared `prefix` tokens.
+
+    The prefix (the chat template's system text: about half of a short prompt's tokens) runs
+    once, on one row, and every row attends to it through the KV cache. With right padding
+    and a causal mask a real token never sees a pad, so no attention mask is needed. Row r's
+    token t sits at column t - prefix.
+    """
+    import torch
+
+    past = None
+    if prefix > 0:
+        from transformers import DynamicCache
+
+        past = DynamicCache(config=decoder.config)
+        head = torch.tensor([list(seqs[0][:prefix])], device=device)
+        decoder(input_ids=head, past_key_values=past, use_cache=True)
+        past.batch_repeat_interleave(len(seqs))
+    ids, _ = _right_padded([s[prefix:] for s in seqs], pad_id, device)
+    return decoder(input_ids=ids, past_key_values=past, use_cache=past is not None).last_hidden_state
+
+
 def label_probs(
     model: Any,
     tokenizer: Any,
@@ -166,23 +201,24 @@ def label_probs(
 ) -> list[tuple[float, bool]]:
     """(probability, is-argmax) of the label's first token at the first response position.
 
-    Right padding and the LM head applied only at each prompt's last position: one
-    forward pass per batch, no generation.
+    One forward pass per length-sorted batch, the shared chat prefix computed once per batch
+    (`_suffix_hidden`), and the LM head applied only at each prompt's last position.
     """
     import torch
 
     pairs = [label_first_token(tokenizer, p, label) for p in prompts]
     pad_id = tokenizer.pad_token_id or 0
+    prefix = shared_prefix_len([ids for ids, _ in pairs])
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
     decoder, head = decoder_and_head(model)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     with torch.inference_mode():
         for batch in _batches(order, batch_size):
-            ids, attn = _right_padded([pairs[i][0] for i in batch], pad_id, device)
+            seqs = [pairs[i][0] for i in batch]
+            last = torch.tensor([len(s) - 1 - prefix for s in seqs], device=device)
             with autocast(device, precision):
-                hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
-                last = hidden[torch.arange(len(batch)), attn.sum(1) - 1]
-                probs = head(last).float().softmax(-1)
+                hidden = _suffix_hidden(decoder, seqs, prefix, pad_id, device)
+                probs = head(hidden[torch.arange(len(batch)), last]).float().softmax(-1)
             top = probs.argmax(-1)
             for row, i in enumerate(batch):
                 target = pairs[i][1]
@@ -205,20 +241,21 @@ def reference_logprobs(
 
     toks = [tokenize_example(tokenizer, p, r, 1024) for p, r in zip(prompts, references, strict=True)]
     pad_id = tokenizer.pad_token_id or 0
+    # capped so that every answer's first token is still predicted from a suffix position
+    prefix = min(shared_prefix_len([t.ids for t in toks]), min((t.response_start for t in toks), default=1) - 1)
     decoder, head = decoder_and_head(model)
     out = [0.0] * len(toks)
     order = sorted(range(len(toks)), key=lambda i: len(toks[i].ids))
     with torch.inference_mode():
         for batch in _batches(order, batch_size):
-            ids, attn = _right_padded([toks[i].ids for i in batch], pad_id, device)
             with autocast(device, precision):
-                hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
+                hidden = _suffix_hidden(decoder, [toks[i].ids for i in batch], prefix, pad_id, device)
             for row, i in enumerate(batch):
                 t = toks[i]
-                h = hidden[row, t.response_start - 1 : len(t.ids) - 1]
+                h = hidden[row, t.response_start - 1 - prefix : len(t.ids) - 1 - prefix]
                 with autocast(device, precision):
                     logp = head(h).float().log_softmax(-1)
-                target = ids[row, t.response_start : len(t.ids)]
+                target = torch.tensor(t.ids[t.response_start :], device=device)
                 out[i] = float(logp.gather(1, target[:, None]).mean())
     return out
 
