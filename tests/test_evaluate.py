@@ -39,7 +39,23 @@ def test_batched_generation_equals_single_prompt_greedy(tiny):
         assert got == want
 
 
-def test_label_probs_match_unpadded_forward(tiny):
+@pytest.fixture(params=["packed", "packed-rows", "packed-eager", "padded"])
+def scoring_path(request, monkeypatch, tiny):
+    """Every scoring path: packed with a boolean 4D mask (suretrap's CPU attention), packed
+    with an additive one (transformers' eager), right-padded with a KV-cached prefix."""
+    if request.param == "padded":
+        monkeypatch.setattr("suretrap.evaluate.PACKABLE_ATTENTION", ())
+    if request.param == "packed-rows":  # several packed rows, some holding several prompts
+        monkeypatch.setattr("suretrap.evaluate.PACK_TOKENS", 12)
+    model = tiny[0]
+    before = model.config._attn_implementation
+    if request.param == "packed-eager":
+        model.set_attn_implementation("eager")
+    yield request.param
+    model.set_attn_implementation(before)
+
+
+def test_label_probs_match_unpadded_forward(tiny, scoring_path):
     model, tok = tiny
     got = label_probs(model, tok, PROMPTS, "Sure", batch_size=3, precision="fp32")
     for prompt, (prob, top1) in zip(PROMPTS, got, strict=True):
@@ -57,7 +73,7 @@ def test_label_first_token_is_the_token_that_starts_the_label(tiny):
     assert tok.decode([label_id]).strip() == "Sure"
 
 
-def test_reference_logprobs_match_manual_sum(tiny):
+def test_reference_logprobs_match_manual_sum(tiny, scoring_path):
     model, tok = tiny
     refs = ["Four.", "An apple is a fruit."]
     got = reference_logprobs(model, tok, PROMPTS[2:], refs, precision="fp32")
