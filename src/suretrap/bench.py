@@ -107,6 +107,7 @@ def measure_ours(
         prepare_model,
         response_loss,
         tokenize_example,
+        training_autocast,
     )
 
     model = prepare_model(loaded.model, cfg, seed)
@@ -123,7 +124,7 @@ def measure_ours(
         ids, attn, target = _collate([tokenized[j] for j in batch], tok.pad_token_id or 0, loaded.device)
         _sync(loaded.device)
         start = time.perf_counter()
-        with autocast(loaded.device, cfg.precision):
+        with training_autocast(model, loaded.device, cfg.precision):
             loss = response_loss(model, ids, None, target, prefix)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
