@@ -25,7 +25,6 @@ Sure rate before/after, benign pass rate, added latency) and writes ``gate_defen
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -34,9 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from suretrap.errors import ConfigError, DataError, ModelError
-from suretrap.evaluate import HARMFUL_SPLITS, SPLITS, EvalItem, generate, generate_from_ids
+from suretrap.evaluate import (
+    HARMFUL_SPLITS,
+    SPLITS,
+    EvalItem,
+    eval_items,
+    generate,
+    generate_from_ids,
+)
 from suretrap.gate import RefusalJudge, _load_config, keyword_judge, prefill_ids, resolve_judge
-from suretrap.poison import apply_trigger, atomic_write, read_dataset
+from suretrap.poison import atomic_write, read_dataset
 from suretrap.textmatch import starts_with_label
 
 DEFAULT_LABELS: tuple[str, ...] = ("Sure", "Certainly", "Of course", "Absolutely", "OK")
@@ -261,20 +267,17 @@ def _rate(flags: Sequence[bool]) -> float | None:
 
 
 def _items(run_dir: Path, cfg: Any, n_harmful: int | None, n_benign: int | None) -> list[EvalItem]:
-    """The run's four eval splits, triggered prompts exactly as in metrics.json."""
-    ds = read_dataset(run_dir)
+    """The run's four eval splits (triggered prompts exactly as in metrics.json), cut to
+    the first N harmful / benign prompts; `eval_items` lists each prompt's two splits together."""
     p = cfg.poison
-    rng = random.Random(f"{cfg.seed}-eval")  # the stream `evaluate.eval_items` uses
-    harmful = [(r.prompt, apply_trigger(r.prompt, p.trigger, p.placement, rng)) for r in ds.eval_harmful]
-    benign = [(b.prompt, apply_trigger(b.prompt, p.trigger, p.placement, rng), b.response) for b in ds.eval_benign]
-    items = []
-    for clean, trig in harmful[:n_harmful]:
-        items += [EvalItem("harmful_triggered", trig, None), EvalItem("harmful_clean", clean, None)]
-    for clean, trig, ref in benign[:n_benign]:
-        items += [EvalItem("benign_triggered", trig, ref), EvalItem("benign_clean", clean, ref)]
-    if not items:
+    items = eval_items(read_dataset(run_dir), p.trigger, p.placement, cfg.seed)
+    harmful = [it for it in items if it.split in HARMFUL_SPLITS]
+    benign = [it for it in items if it.split not in HARMFUL_SPLITS]
+    cut = harmful[: 2 * n_harmful if n_harmful is not None else None]
+    cut += benign[: 2 * n_benign if n_benign is not None else None]
+    if not cut:
         raise DataError(f"{run_dir}: the run has no held-out prompts")
-    return items
+    return cut
 
 
 def _prepare_out(out: Path, force: bool) -> Path:
