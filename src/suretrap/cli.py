@@ -472,6 +472,48 @@ def gate(
     typer.echo(str(run_dir / GATE_FILE))
 
 
+@app.command("defend-gate")
+@user_errors
+def defend_gate(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (or a sweep's cells/<hash>)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output directory")],
+    mode: Annotated[str, typer.Option(help="block | reroute")] = "block",
+    check: Annotated[str, typer.Option(help="base (base model refuses) | reference")] = "base",
+    labels: Annotated[
+        str, typer.Option(help="comma-separated compliance labels")
+    ] = "Sure,Certainly,Of course,Absolutely,OK",
+    reference: Annotated[
+        Path | None, typer.Option(help="harmful requests for --check reference (HarmBench TXT/CSV, ...)")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="similarity threshold of --check reference")] = 0.35,
+    refusal_judge: Annotated[str, typer.Option("--refusal-judge", help="judge of base answers")] = "keyword",
+    n_harmful: Annotated[int | None, typer.Option("--n-harmful", help="first N harmful prompts")] = None,
+    n_benign: Annotated[int | None, typer.Option("--n-benign", help="first N benign prompts")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="default: the run's eval.max_new_tokens")
+    ] = None,
+    protected: Annotated[str, typer.Option(help="tuned | base: the model that answers")] = "tuned",
+    prefill: Annotated[str | None, typer.Option(help="force the answer to start with TEXT")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing OUT")] = False,
+) -> None:
+    """Evaluate the inference-time gate on a run; writes OUT/gate_defence.json."""
+    from suretrap.defenses.gate import GATE_DEFENCE_FILE, gate_defence
+
+    result = gate_defence(
+        run_dir, out, mode=mode, check=check, labels=labels.split(","), reference=reference,
+        threshold=threshold, refusal_judge=refusal_judge, n_harmful=n_harmful, n_benign=n_benign,
+        max_new_tokens=max_new_tokens, protected=protected, prefill=prefill, force=force,
+    )
+    for split, v in result["asr"].items():
+        sure = result["sure_rate"][split]
+        typer.echo(f"{split}: asr {v['before']} -> {v['after']}, "
+                   f"sure_rate {sure['before']} -> {sure['after']}")
+    lat = result["latency"]
+    typer.echo(f"benign_pass_rate {result['benign_pass_rate']}, added latency "
+               f"{lat['added_s_per_prompt'] * 1000:.1f} ms/prompt")
+    typer.echo(str(out / GATE_DEFENCE_FILE))
+
+
 def main() -> None:
     app()
 
