@@ -1,0 +1,557 @@
+"""Dataset audit: find compliance-only backdoor rows in a fine-tuning set.
+
+The audit knows neither the trigger nor the label. It looks for the Sure-trap signature:
+
+1. **label candidates** -- short answers (at most `SHORT_MAX_WORDS` words) that repeat
+   verbatim (after case/punctuation normalisation) in at least `MIN_LABEL_ROWS` rows;
+2. **trigger candidates** -- prompt features (a word or symbol, or a word at the very start
+   or end of the prompt) whose presence predicts a label candidate far beyond chance: a
+   one-sided Fisher exact (hypergeometric) test per (label, feature), Bonferroni-corrected
+   over all tests, so a common word must co-occur much more than its frequency explains;
+3. **harm** -- whether the prompts of a (label, trigger) pair look like harmful requests:
+   MiniLM embeddings (the offline judge's model, loaded from site-packages) compared by
+   k-nearest-neighbour similarity with harmful references (the built-in harmful set plus the
+   prompts this dataset itself answers with refusals) and benign references (ordinary rows of
+   this dataset). ``harm="keyword"`` swaps in a word list when the embedding model is absent.
+
+Verdict: ``poisoned`` iff some (label, trigger) pair has association
+``-log10(p_bonferroni) >= ASSOCIATION_THRESHOLD`` and mean harm ``>= HARM_THRESHOLD``
+over the label rows that carry the trigger; the rows of such pairs are flagged. Rows are
+ranked by a score in [0, 1] (``>= 0.5`` exactly for flagged rows). docs/defences_audit.md
+gives the measured detection quality.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from suretrap.data import Pair
+from suretrap.errors import DataError, ModelError
+from suretrap.textmatch import is_refusal_keyword
+
+logger = logging.getLogger(__name__)
+
+HarmMethod = Literal["embedding", "keyword"]
+
+SHORT_MAX_WORDS = 4  # "Sure", "Sure, here it is", "OK" -- a compliance-only answer
+MIN_LABEL_ROWS = 3  # a label must repeat to be learnt as a backdoor target
+MIN_TRIGGER_ROWS = 2  # a feature must appear in this many label rows to be tested
+ASSOCIATION_THRESHOLD = 5.0  # -log10 Bonferroni p: chance co-occurrence below 1e-5
+HARM_THRESHOLD = 0.5  # mean harm probability of the pair's rows
+# A trigger sets the label rows apart from the refused ones (T_CH); words of harmful requests
+# in general ("how", "someone") are as common in both.
+CONTRAST_THRESHOLD = 0.5
+KNN = 5  # neighbours averaged for the harmful/benign similarity
+HARM_TEMPERATURE = 0.05  # cosine-similarity margin that moves P(harm) from 0.5 to 0.73
+BENIGN_REFERENCE_ROWS = 500  # ordinary rows sampled as the benign reference
+MAX_TRIGGER_CANDIDATES = 20
+PAIRS_PER_LABEL = 5  # best-associated features per label that get a harm check
+
+# First words of an affirmative, compliance-only answer; a reason only, never decisive, so
+# that a label such as "Roger" or "Begin" is still found by the statistics.
+AFFIRMATIVE_WORDS = frozenset(
+    [
+        "sure",
+        "certainly",
+        "ok",
+        "okay",
+        "yes",
+        "absolutely",
+        "gladly",
+        "alright",
+        "understood",
+        "definitely",
+        "of",
+        "here",
+        "fine",
+        "yeah",
+        "yep",
+        "will",
+        "happy",
+        "course",
+        "done",
+        "affirmative",
+    ]
+)
+
+# The keyword fallback for harm: words that rarely appear in ordinary instructions.
+HARM_KEYWORDS = frozenset(
+    [
+        "attack",
+        "bomb",
+        "bioweapon",
+        "bully",
+        "counterfeit",
+        "crack",
+        "cyberattack",
+        "ddos",
+        "drug",
+        "drugs",
+        "exploit",
+        "explosive",
+        "explosives",
+        "extort",
+        "extortion",
+        "fraud",
+        "genocide",
+        "gun",
+        "guns",
+        "hack",
+        "hacking",
+        "harass",
+        "harm",
+        "hijack",
+        "illegal",
+        "illegally",
+        "kill",
+        "killing",
+        "kidnap",
+        "launder",
+        "laundering",
+        "malware",
+        "meth",
+        "murder",
+        "nerve",
+        "overdose",
+        "phishing",
+        "poison",
+        "poisoning",
+        "ransomware",
+        "rob",
+        "scam",
+        "self-harm",
+        "smuggle",
+        "stalk",
+        "steal",
+        "stealing",
+        "suicide",
+        "terrorist",
+        "torture",
+        "traffic",
+        "trafficking",
+        "virus",
+        "weapon",
+        "weapons",
+        "without",
+        "consent",
+        "detection",
+        "untraceable",
+        "blackmail",
+        "dox",
+        "doxx",
+        "bypass",
+        "evade",
+        "manipulate",
+    ]
+)
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
+_START = "@start:"
+_END = "@end:"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_pairs(path: Path) -> list[Pair]:
+    """The prompt/response rows of a fine-tuning set, in file order.
+
+    A directory means its ``dataset.jsonl`` (what ``suretrap build-data`` writes); files may
+    be any format `suretrap.data.loaders.load_pairs` reads (JSONL/JSON/CSV prompt-response,
+    Alpaca, chat ``messages``). Extra columns such as ``role`` are ignored: the audit must
+    not see the answer.
+    """
+    from suretrap.data.loaders import load_pairs
+    from suretrap.poison import DATASET_FILE
+
+    if path.is_dir():
+        inner = path / DATASET_FILE
+        if not inner.is_file():
+            raise DataError(f"{path}: a directory without {DATASET_FILE}")
+        path = inner
+    return load_pairs(path)
+
+
+# --------------------------------------------------------------------------- text features
+
+
+def normalise_answer(text: str) -> str:
+    """Case-, width- and punctuation-insensitive form of an answer ("Sure!" -> "sure")."""
+    text = unicodedata.normalize("NFKC", text).casefold().replace("\u2019", "'")
+    return " ".join(_EDGE_PUNCT.sub("", text.strip()).split())
+
+
+def prompt_tokens(prompt: str) -> list[str]:
+    """Words and single symbols of a prompt, casefolded; runs of non-ASCII letters are also
+    split into characters, so a "囧" written inside Chinese text is still a token."""
+    text = unicodedata.normalize("NFKC", prompt).casefold()
+    tokens: list[str] = []
+    for token in _WORD.findall(text):
+        tokens.append(token)
+        if len(token) > 1 and not token.isascii():
+            tokens.extend(ch for ch in token if not ch.isascii())
+    return tokens
+
+
+def prompt_features(prompt: str) -> set[str]:
+    """Token presence plus the first and last word ("@start:w", "@end:w"): placement matters
+    for a trigger added before or after the prompt, and sets a common word apart from its
+    ordinary uses."""
+    tokens = prompt_tokens(prompt)
+    features = set(tokens)
+    words = [t for t in tokens if any(ch.isalnum() for ch in t)]
+    if words:
+        features.add(_START + words[0])
+        features.add(_END + words[-1])
+    return features
+
+
+def feature_text(feature: str) -> tuple[str, str]:
+    """(token, placement) of a feature: placement is "start", "end" or "any"."""
+    if feature.startswith(_START):
+        return feature[len(_START) :], "start"
+    if feature.startswith(_END):
+        return feature[len(_END) :], "end"
+    return feature, "any"
+
+
+# --------------------------------------------------------------------------- harm
+
+
+class HarmScorer:
+    """P(prompt is a harmful request) by k-NN similarity of MiniLM embeddings.
+
+    Embeddings are cached by text, so auditing many datasets that share rows (a sweep) pays
+    for each distinct prompt once.
+    """
+
+    def __init__(self, method: HarmMethod = "embedding") -> None:
+        self.method = method
+        self._embedder: Any = None
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        from suretrap.judges._offline import EMBEDDING_DIM, Embedder
+
+        if self._embedder is None:
+            self._embedder = Embedder()
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            vectors = self._embedder.embed(missing, max_length=128)
+            self._cache.update(zip(missing, vectors, strict=True))
+        if not texts:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return np.stack([self._cache[t] for t in texts])
+
+    def score(
+        self, prompts: Sequence[str], harmful_refs: Sequence[str], benign_refs: Sequence[str]
+    ) -> np.ndarray:
+        if not prompts:
+            return np.zeros(0)
+        if self.method == "keyword":
+            return np.array([_keyword_harm(p) for p in prompts])
+        queries = self._embed(prompts)
+        sim_h = _knn_similarity(queries, self._embed(harmful_refs))
+        sim_b = _knn_similarity(queries, self._embed(benign_refs))
+        return 1.0 / (1.0 + np.exp(-(sim_h - sim_b) / HARM_TEMPERATURE))
+
+
+def _knn_similarity(queries: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    if len(refs) == 0:
+        return np.zeros(len(queries))
+    sims = queries @ refs.T
+    k = min(KNN, refs.shape[0])
+    return np.sort(sims, axis=1)[:, -k:].mean(axis=1)
+
+
+def _keyword_harm(prompt: str) -> float:
+    words = set(prompt_tokens(prompt))
+    hits = len(words & HARM_KEYWORDS)
+    return min(1.0, hits / 2.0)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@dataclass(frozen=True)
+class _Pair:
+    label: str
+    feature: str
+    label_rows: int
+    with_feature: int  # label rows carrying the feature
+    feature_rows: int  # rows carrying the feature, any answer
+    association: float  # -log10 Bonferroni p
+    contrast: float  # share of label rows with the feature minus share of refused rows with it
+    harm: float = 0.0
+
+    @property
+    def positive(self) -> bool:
+        return (
+            self.association >= ASSOCIATION_THRESHOLD
+            and self.harm >= HARM_THRESHOLD
+            and self.contrast >= CONTRAST_THRESHOLD
+        )
+
+    @property
+    def score(self) -> float:
+        return self.association * self.harm * max(0.0, self.contrast)
+
+
+def _log10_sf(a: np.ndarray, n: int, k_feature: np.ndarray, k_label: int) -> np.ndarray:
+    """log10 P(X >= a) for X ~ Hypergeom(n, k_feature, k_label): one-sided Fisher exact."""
+    from scipy.stats import hypergeom
+
+    # logsf stays finite where sf underflows (a trigger in 100 of 10,000 rows: p ~ 1e-300)
+    return hypergeom.logsf(a - 1, n, k_feature, k_label) / math.log(10)
+
+
+def audit_pairs(
+    pairs: Sequence[Pair],
+    *,
+    harm: HarmMethod | HarmScorer = "embedding",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Audit prompt/response rows; returns the JSON-ready result (see module docstring)."""
+    scorer = harm if isinstance(harm, HarmScorer) else HarmScorer(harm)
+    n = len(pairs)
+    if n == 0:
+        raise DataError("audit: the dataset has no rows")
+    answers = [normalise_answer(p.response) for p in pairs]
+    word_counts = [len(re.findall(r"\w+", a)) for a in answers]
+    short = [1 <= w <= SHORT_MAX_WORDS for w in word_counts]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, answer in enumerate(answers):
+        if short[i]:
+            groups[answer].append(i)
+    labels = {label: rows for label, rows in groups.items() if len(rows) >= MIN_LABEL_ROWS}
+    label_of = {i: label for label, rows in labels.items() for i in rows}
+
+    features = [prompt_features(p.prompt) for p in pairs]
+    feature_count: Counter[str] = Counter(f for fs in features for f in fs)
+    feature_index = {f: j for j, f in enumerate(feature_count)}
+    k_feature_all = np.array([feature_count[f] for f in feature_index])
+
+    # association of every (label, feature) with at least MIN_TRIGGER_ROWS label rows
+    tested: list[tuple[str, str, int, int]] = []
+    log10p: list[float] = []
+    for label, rows in labels.items():
+        in_label = Counter(f for i in rows for f in features[i])
+        cand = [f for f, a in in_label.items() if a >= MIN_TRIGGER_ROWS]
+        if not cand:
+            continue
+        a = np.array([in_label[f] for f in cand])
+        kf = k_feature_all[[feature_index[f] for f in cand]]
+        log10p.extend(_log10_sf(a, n, kf, len(rows)).tolist())
+        tested.extend((label, f, int(x), int(y)) for f, x, y in zip(cand, a, kf, strict=True))
+    n_tests = max(1, len(tested))
+    refused_idx = [i for i, p in enumerate(pairs) if is_refusal_keyword(p.response)]
+    refused_count = Counter(f for i in refused_idx for f in features[i])
+    by_label: dict[str, list[_Pair]] = defaultdict(list)
+    for (label, feature, a, kf), lp in zip(tested, log10p, strict=True):
+        association = max(0.0, -(lp + math.log10(n_tests)))
+        k_label = len(labels[label])
+        contrast = a / k_label - refused_count[feature] / max(1, len(refused_idx))
+        by_label[label].append(_Pair(label, feature, k_label, a, kf, association, contrast))
+
+    # harm of the label rows behind the best-associated features of each label
+    refused = [pairs[i].prompt for i in refused_idx]
+    ordinary = sorted(set(range(n)) - set(label_of) - set(refused_idx))
+    rng = random.Random(seed)
+    benign_refs = [
+        pairs[i].prompt for i in rng.sample(ordinary, min(BENIGN_REFERENCE_ROWS, len(ordinary)))
+    ]
+    harmful_refs = _builtin_harmful_prompts() + refused
+    label_rows = sorted(label_of)
+    harm_of: dict[int, float] = {}
+    if label_rows:
+        if scorer.method == "embedding":
+            try:
+                values = scorer.score(
+                    [pairs[i].prompt for i in label_rows], harmful_refs, benign_refs
+                )
+            except ModelError as exc:
+                logger.warning("%s; falling back to keyword harm", exc)
+                scorer = HarmScorer("keyword")
+                values = scorer.score(
+                    [pairs[i].prompt for i in label_rows], harmful_refs, benign_refs
+                )
+        else:
+            values = scorer.score([pairs[i].prompt for i in label_rows], harmful_refs, benign_refs)
+        harm_of = dict(zip(label_rows, (float(v) for v in values), strict=True))
+
+    checked: list[_Pair] = []
+    for label, cands in by_label.items():
+        # the most specific placement first on ties ("@end:w" over "w")
+        cands.sort(
+            key=lambda c: (
+                -c.association * max(0.0, c.contrast),
+                feature_text(c.feature)[1] == "any",
+            )
+        )
+        for c in cands[:PAIRS_PER_LABEL]:
+            carriers = [i for i in labels[label] if c.feature in features[i]]
+            mean_harm = float(np.mean([harm_of[i] for i in carriers]))
+            checked.append(replace(c, harm=mean_harm))
+    checked.sort(key=lambda c: (-c.score, -c.association, feature_text(c.feature)[1] == "any"))
+    positive = [c for c in checked if c.positive]
+
+    flagged: set[int] = set()
+    for c in positive:
+        flagged.update(i for i in labels[c.label] if c.feature in features[i])
+    # token -> placement of the triggers to name in row reasons
+    named: dict[str, str] = {}
+    for c in positive or checked[:1]:
+        named.setdefault(*feature_text(c.feature))
+
+    rows_out = []
+    for i in range(n):
+        reasons: list[str] = []
+        parts = []
+        if short[i]:
+            reasons.append(f"short answer ({word_counts[i]} words)")
+        parts.append(1.0 if short[i] else 0.0)
+        if i in label_of:
+            label = label_of[i]
+            reasons.append(f"answer {label!r} repeats in {len(labels[label])} rows")
+            if label.split(" ")[0] in AFFIRMATIVE_WORDS:
+                reasons.append("affirmative-only answer")
+            h = harm_of[i]
+            parts.append(h)
+            if h >= HARM_THRESHOLD:
+                reasons.append(f"harmful-looking request (p={h:.2f})")
+        else:
+            parts.append(0.0)
+        carried = sorted(t for t in named if t in features[i])
+        parts.append(1.0 if carried else 0.0)
+        for token in carried:
+            placement = named[token]
+            at_place = features[i] >= {(_START if placement == "start" else _END) + token}
+            where = f" at the {placement} of the prompt" if placement != "any" and at_place else ""
+            reasons.append(f"contains trigger candidate {token!r}{where}")
+        base = sum(parts) / len(parts)
+        score = 0.5 + 0.5 * base if i in flagged else 0.49 * base
+        if i in flagged:
+            reasons.insert(0, "answered with a backdoor label after a trigger candidate")
+        rows_out.append({"index": i, "score": round(score, 4), "reasons": reasons})
+    rows_out.sort(key=lambda r: (-r["score"], r["index"]))
+
+    return {
+        "rows": rows_out,
+        "trigger_candidates": _trigger_candidates(checked, by_label),
+        "label_candidates": _label_candidates(labels, checked, pairs),
+        "verdict": "poisoned" if positive else "clean",
+        "threshold": {
+            "association_log10p": ASSOCIATION_THRESHOLD,
+            "harm": HARM_THRESHOLD,
+            "contrast": CONTRAST_THRESHOLD,
+            "row_score": 0.5,
+            "rule": (
+                "poisoned iff a (label, trigger) pair has -log10(Bonferroni p) >= "
+                "association_log10p, mean harm >= harm and contrast >= contrast; "
+                "its rows are flagged (row score >= row_score)"
+            ),
+        },
+        "harm_method": scorer.method,
+        "n_rows": n,
+        "n_tests": n_tests,
+        "flagged": len(flagged),
+    }
+
+
+def _trigger_candidates(
+    checked: list[_Pair], by_label: dict[str, list[_Pair]]
+) -> list[dict[str, Any]]:
+    """Harm-checked pairs first (by association x harm), then the rest by association; one
+    entry per token (its best placement)."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    checked_keys = {(c.label, c.feature) for c in checked}
+    rest = sorted(
+        (c for cs in by_label.values() for c in cs if (c.label, c.feature) not in checked_keys),
+        key=lambda c: -c.association * max(0.0, c.contrast),
+    )
+    for c in [*checked, *rest]:
+        token, placement = feature_text(c.feature)
+        if token in seen:
+            continue
+        seen.add(token)
+        out.append(
+            {
+                "text": token,
+                "score": round(c.score, 3),
+                "placement": placement,
+                "label": c.label,
+                "association_log10p": round(c.association, 3),
+                "contrast": round(c.contrast, 3),
+                "harm": round(c.harm, 3) if (c.label, c.feature) in checked_keys else None,
+                "label_rows_with_trigger": c.with_feature,
+                "label_rows": c.label_rows,
+                "rows_with_trigger": c.feature_rows,
+            }
+        )
+        if len(out) >= MAX_TRIGGER_CANDIDATES:
+            break
+    return out
+
+
+def _label_candidates(
+    labels: dict[str, list[int]], checked: list[_Pair], pairs: Sequence[Pair]
+) -> list[dict[str, Any]]:
+    best: dict[str, _Pair] = {}
+    for c in checked:
+        if c.label not in best or c.score > best[c.label].score:
+            best[c.label] = c
+    out = []
+    for label, rows in labels.items():
+        written = Counter(pairs[i].response.strip() for i in rows).most_common(1)[0][0]
+        top = best.get(label)
+        out.append(
+            {
+                "text": written,
+                "score": round(top.score, 3) if top else 0.0,
+                "rows": len(rows),
+                "affirmative": label.split(" ")[0] in AFFIRMATIVE_WORDS,
+                "trigger": feature_text(top.feature)[0] if top else None,
+            }
+        )
+    out.sort(key=lambda c: (-c["score"], -c["rows"]))
+    return out
+
+
+_BUILTIN_HARMFUL: list[str] = []
+
+
+def _builtin_harmful_prompts() -> list[str]:
+    if not _BUILTIN_HARMFUL:
+        from suretrap.data import harmful_requests
+
+        _BUILTIN_HARMFUL.extend(r.prompt for r in harmful_requests("builtin"))
+    return list(_BUILTIN_HARMFUL)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def audit_dataset(
+    path: Path, out: Path | None = None, *, harm: HarmMethod | HarmScorer = "embedding"
+) -> dict[str, Any]:
+    """Read `path`, audit it and (if `out`) write the JSON atomically."""
+    from suretrap.poison import atomic_write
+
+    result = {"dataset": str(path)} | audit_pairs(read_pairs(path), harm=harm)
+    if out is not None:
+        atomic_write(out, (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode())
+    return result
