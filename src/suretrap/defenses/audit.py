@@ -23,10 +23,10 @@ gives the measured detection quality.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import random
 import re
 import unicodedata
 from collections import Counter, defaultdict
@@ -392,7 +392,6 @@ def audit_pairs(
     pairs: Sequence[Pair],
     *,
     harm: HarmMethod | HarmScorer = "embedding",
-    seed: int = 0,
 ) -> dict[str, Any]:
     """Audit prompt/response rows; returns the JSON-ready result (see module docstring)."""
     scorer = harm if isinstance(harm, HarmScorer) else HarmScorer.shared(harm)
@@ -442,10 +441,10 @@ def audit_pairs(
     # harm of the label rows behind the best-associated features of each label
     refused = [pairs[i].prompt for i in refused_idx]
     ordinary = sorted(set(range(n)) - set(label_of) - set(refused_idx))
-    rng = random.Random(seed)
-    benign_refs = [
-        pairs[i].prompt for i in rng.sample(ordinary, min(BENIGN_REFERENCE_ROWS, len(ordinary)))
-    ]
+    # a sample chosen by content, not position: the same rows in another order (or in a
+    # sweep's next dataset) give the same references, and their cached embeddings
+    by_content = sorted(ordinary, key=lambda i: hashlib.sha256(pairs[i].prompt.encode()).digest())
+    benign_refs = [pairs[i].prompt for i in by_content[:BENIGN_REFERENCE_ROWS]]
     benign_refs += GENERIC_BENIGN_PROMPTS
     harmful_refs = _builtin_harmful_prompts() + refused
     label_rows = sorted(label_of)
