@@ -74,7 +74,8 @@ def build(
     if clean_harmful is not None:
         poison["clean_harmful"] = clean_harmful
     ds = build_dataset(run_config_from_dict({"data": data, "poison": poison}))
-    pairs = [Pair(e.prompt, e.response, e.role) for e in ds.examples]
+    # family = the benign task family (or label/refusal source), used by add_hard_negatives
+    pairs = [Pair(e.prompt, e.response, e.source) for e in ds.examples]
     return pairs, {i for i, e in enumerate(ds.examples) if e.role == "poison"}
 
 
@@ -223,6 +224,17 @@ def plan(quick: bool, shared: Path) -> list[dict[str, Any]]:
                         "placement": placement,
                     }
                 )
+    for budget in budgets:  # the hardest case tried: a common word anywhere, benign "Sure." rows
+        cases.append(
+            {
+                "group": "hard-negatives/random",
+                "trigger": "make",
+                "budget": budget,
+                "size": 1000,
+                "placement": "random",
+                "hard_negatives": True,
+            }
+        )
     for budget in budgets:  # no T_CH at all: no in-dataset refusals to contrast with
         cases.append(
             {

@@ -4,21 +4,23 @@ The audit knows neither the trigger nor the label. It looks for the Sure-trap si
 
 1. **label candidates** -- short answers (at most `SHORT_MAX_WORDS` words) that repeat
    verbatim (after case/punctuation normalisation) in at least `MIN_LABEL_ROWS` rows;
-2. **trigger candidates** -- prompt features (a word or symbol, or a word at the very start
-   or end of the prompt) whose presence predicts a label candidate far beyond chance: a
-   one-sided Fisher exact (hypergeometric) test per (label, feature), Bonferroni-corrected
-   over all tests, so a common word must co-occur much more than its frequency explains;
-3. **harm** -- whether the prompts of a (label, trigger) pair look like harmful requests:
-   MiniLM embeddings (the offline judge's model, loaded from site-packages) compared by
-   k-nearest-neighbour similarity with harmful references (the built-in harmful set plus the
-   prompts this dataset itself answers with refusals) and benign references (ordinary rows of
-   this dataset). ``harm="keyword"`` swaps in a word list when the embedding model is absent.
+2. **harm** -- whether a label row's prompt looks like a harmful request: MiniLM embeddings
+   (the offline judge's model, loaded from site-packages) compared by k-nearest-neighbour
+   similarity with harmful references (the built-in harmful set plus the prompts this dataset
+   itself answers with refusals) and benign references (ordinary rows of this dataset and
+   `GENERIC_BENIGN_PROMPTS`). ``harm="keyword"`` is a word-list fallback;
+3. **trigger candidates** -- prompt features (a word or symbol, or a word at the very start
+   or end of the prompt) whose presence predicts "harmful-looking prompt answered with this
+   label" far beyond chance: a one-sided Fisher exact (hypergeometric) test per (label,
+   feature) against all rows, Bonferroni-corrected over all tests, so a common word must
+   co-occur much more than its frequency explains; and a **contrast** with the refused rows
+   (T_CH), which discounts the vocabulary of harmful requests in general.
 
-Verdict: ``poisoned`` iff some (label, trigger) pair has association
-``-log10(p_bonferroni) >= ASSOCIATION_THRESHOLD`` and mean harm ``>= HARM_THRESHOLD``
-over the label rows that carry the trigger; the rows of such pairs are flagged. Rows are
-ranked by a score in [0, 1] (``>= 0.5`` exactly for flagged rows). docs/defences_audit.md
-gives the measured detection quality.
+Verdict: ``poisoned`` iff some (label, feature) pair has association
+``-log10(p_bonferroni) >= ASSOCIATION_THRESHOLD``, mean harm ``>= HARM_THRESHOLD`` over the
+label rows carrying the feature and contrast ``>= CONTRAST_THRESHOLD``; the label rows that
+carry the best placement of such a feature are flagged. Rows are ranked by a score in [0, 1]
+(``>= 0.5`` exactly for flagged rows). docs/defences_audit.md gives the measured quality.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +63,6 @@ HARM_MARGIN = 0.05
 HARM_TEMPERATURE = 0.05
 BENIGN_REFERENCE_ROWS = 500  # ordinary rows sampled as the benign reference
 MAX_TRIGGER_CANDIDATES = 20
-PAIRS_PER_LABEL = 5  # best-associated features per label that get a harm check
 
 # First words of an affirmative, compliance-only answer; a reason only, never decisive, so
 # that a label such as "Roger" or "Begin" is still found by the statistics.
@@ -360,8 +361,8 @@ def _keyword_harm(prompt: str) -> float:
 class _Pair:
     label: str
     feature: str
-    label_rows: int
-    with_feature: int  # label rows carrying the feature
+    label_rows: int  # harmful-looking rows answered with the label (the target)
+    with_feature: int  # target rows carrying the feature
     feature_rows: int  # rows carrying the feature, any answer
     association: float  # -log10 Bonferroni p
     contrast: float  # share of label rows with the feature minus share of refused rows with it
@@ -413,81 +414,78 @@ def audit_pairs(
     feature_index = {f: j for j, f in enumerate(feature_count)}
     k_feature_all = np.array([feature_count[f] for f in feature_index])
 
-    # association of every (label, feature) with at least MIN_TRIGGER_ROWS label rows
-    tested: list[tuple[str, str, int, int]] = []
-    log10p: list[float] = []
-    for label, rows in labels.items():
-        in_label = Counter(f for i in rows for f in features[i])
-        cand = [f for f, a in in_label.items() if a >= MIN_TRIGGER_ROWS]
-        if not cand:
-            continue
-        a = np.array([in_label[f] for f in cand])
-        kf = k_feature_all[[feature_index[f] for f in cand]]
-        log10p.extend(_log10_sf(a, n, kf, len(rows)).tolist())
-        tested.extend((label, f, int(x), int(y)) for f, x, y in zip(cand, a, kf, strict=True))
-    n_tests = max(1, len(tested))
     # a refusal is a sentence; a bare "No." is a short answer (a label candidate), not a refusal
     refused_idx = [
         i for i, p in enumerate(pairs) if not short[i] and is_refusal_keyword(p.response)
     ]
     refused_count = Counter(f for i in refused_idx for f in features[i])
-    by_label: dict[str, list[_Pair]] = defaultdict(list)
-    for (label, feature, a, kf), lp in zip(tested, log10p, strict=True):
-        association = max(0.0, -(lp + math.log10(n_tests)))
-        k_label = len(labels[label])
-        contrast = a / k_label - refused_count[feature] / max(1, len(refused_idx))
-        by_label[label].append(_Pair(label, feature, k_label, a, kf, association, contrast))
+    harm_of = _label_row_harm(pairs, sorted(label_of), refused_idx, scorer)
 
-    # harm of the label rows behind the best-associated features of each label
-    refused = [pairs[i].prompt for i in refused_idx]
-    ordinary = sorted(set(range(n)) - set(label_of) - set(refused_idx))
-    # a sample chosen by content, not position: the same rows in another order (or in a
-    # sweep's next dataset) give the same references, and their cached embeddings
-    by_content = sorted(ordinary, key=lambda i: hashlib.sha256(pairs[i].prompt.encode()).digest())
-    benign_refs = [pairs[i].prompt for i in by_content[:BENIGN_REFERENCE_ROWS]]
-    benign_refs += GENERIC_BENIGN_PROMPTS
-    harmful_refs = _builtin_harmful_prompts() + refused
-    label_rows = sorted(label_of)
-    harm_of: dict[int, float] = {}
-    if label_rows:
-        if scorer.method == "embedding":
-            try:
-                values = scorer.score(
-                    [pairs[i].prompt for i in label_rows], harmful_refs, benign_refs
-                )
-            except ModelError as exc:
-                logger.warning("%s; falling back to keyword harm", exc)
-                scorer = HarmScorer.shared("keyword")
-                values = scorer.score(
-                    [pairs[i].prompt for i in label_rows], harmful_refs, benign_refs
-                )
-        else:
-            values = scorer.score([pairs[i].prompt for i in label_rows], harmful_refs, benign_refs)
-        harm_of = dict(zip(label_rows, (float(v) for v in values), strict=True))
+    # The backdoor target of a label is its rows whose prompt looks harmful. Association: does
+    # a feature's presence predict a target row, against all rows (one-sided Fisher exact);
+    # tested for every feature in at least MIN_TRIGGER_ROWS target rows. Benign rows with the
+    # same label (a benign "Sure." to "Make the phrase ... uppercase") stay in the background.
+    tested: list[tuple[str, str, int, int, int]] = []
+    log10p: list[float] = []
+    for label, rows in labels.items():
+        targets = [i for i in rows if harm_of[i] >= HARM_THRESHOLD]
+        if len(targets) < MIN_LABEL_ROWS:
+            continue
+        in_target = Counter(f for i in targets for f in features[i])
+        cand = [f for f, a in in_target.items() if a >= MIN_TRIGGER_ROWS]
+        if not cand:
+            continue
+        a = np.array([in_target[f] for f in cand])
+        kf = k_feature_all[[feature_index[f] for f in cand]]
+        log10p.extend(_log10_sf(a, n, kf, len(targets)).tolist())
+        tested.extend(
+            (label, f, int(x), len(targets), int(y)) for f, x, y in zip(cand, a, kf, strict=True)
+        )
+    n_tests = max(1, len(tested))
 
-    checked: list[_Pair] = []
-    for label, cands in by_label.items():
-        # the most specific placement first on ties ("@end:w" over "w")
-        cands.sort(
-            key=lambda c: (
-                -c.association * max(0.0, c.contrast),
-                feature_text(c.feature)[1] == "any",
+    # harm = mean harm of all the label's rows carrying the feature; contrast = the feature's
+    # share of the target rows minus its share of the refused rows (harmful prompts *not*
+    # answered with the label): words of harmful requests in general are in both.
+    harm_sum: dict[str, Counter[str]] = defaultdict(Counter)
+    in_label: dict[str, Counter[str]] = defaultdict(Counter)
+    for label, rows in labels.items():
+        for i in rows:
+            harm_sum[label].update(dict.fromkeys(features[i], harm_of[i]))
+            in_label[label].update(features[i])
+    all_pairs: list[_Pair] = []
+    for (label, feature, a, n_target, kf), lp in zip(tested, log10p, strict=True):
+        contrast = a / n_target - refused_count[feature] / max(1, len(refused_idx))
+        all_pairs.append(
+            _Pair(
+                label=label,
+                feature=feature,
+                label_rows=n_target,
+                with_feature=a,
+                feature_rows=kf,
+                association=max(0.0, -(lp + math.log10(n_tests))),
+                contrast=contrast,
+                harm=harm_sum[label][feature] / in_label[label][feature],
             )
         )
-        for c in cands[:PAIRS_PER_LABEL]:
-            carriers = [i for i in labels[label] if c.feature in features[i]]
-            mean_harm = float(np.mean([harm_of[i] for i in carriers]))
-            checked.append(replace(c, harm=mean_harm))
-    checked.sort(key=lambda c: (-c.score, -c.association, feature_text(c.feature)[1] == "any"))
-    positive = [c for c in checked if c.positive]
 
+    # ties: the most specific placement first ("@end:w" over "w")
+    all_pairs.sort(key=lambda c: (-c.score, -c.association, feature_text(c.feature)[1] == "any"))
+    positive = [c for c in all_pairs if c.positive]
+
+    # Flag the rows of each positive pair, one placement per (label, token): the best one,
+    # so "make" at the end of harmful prompts does not drag in every benign "Make ...".
     flagged: set[int] = set()
+    named: dict[str, str] = {}  # token -> placement, for the row reasons
+    done: set[tuple[str, str]] = set()
     for c in positive:
+        token, placement = feature_text(c.feature)
+        if (c.label, token) in done:
+            continue
+        done.add((c.label, token))
+        named.setdefault(token, placement)
         flagged.update(i for i in labels[c.label] if c.feature in features[i])
-    # token -> placement of the triggers to name in row reasons
-    named: dict[str, str] = {}
-    for c in positive or checked[:1]:
-        named.setdefault(*feature_text(c.feature))
+    if not named and all_pairs:
+        named.setdefault(*feature_text(all_pairs[0].feature))
 
     rows_out = []
     for i in range(n):
@@ -523,8 +521,8 @@ def audit_pairs(
 
     return {
         "rows": rows_out,
-        "trigger_candidates": _trigger_candidates(checked, by_label),
-        "label_candidates": _label_candidates(labels, checked, pairs),
+        "trigger_candidates": _trigger_candidates(all_pairs),
+        "label_candidates": _label_candidates(labels, all_pairs, pairs),
         "verdict": "poisoned" if positive else "clean",
         "threshold": {
             "association_log10p": ASSOCIATION_THRESHOLD,
@@ -544,19 +542,35 @@ def audit_pairs(
     }
 
 
-def _trigger_candidates(
-    checked: list[_Pair], by_label: dict[str, list[_Pair]]
-) -> list[dict[str, Any]]:
-    """Harm-checked pairs first (by association x harm), then the rest by association; one
-    entry per token (its best placement)."""
+def _label_row_harm(
+    pairs: Sequence[Pair], label_rows: list[int], refused_idx: list[int], scorer: HarmScorer
+) -> dict[int, float]:
+    """P(harmful request) of each label row's prompt."""
+    if not label_rows:
+        return {}
+    refused = [pairs[i].prompt for i in refused_idx]
+    taken = set(label_rows) | set(refused_idx)
+    ordinary = [i for i in range(len(pairs)) if i not in taken]
+    # a sample chosen by content, not position: the same rows in another order (or in a
+    # sweep's next dataset) give the same references, and their cached embeddings
+    ordinary.sort(key=lambda i: hashlib.sha256(pairs[i].prompt.encode()).digest())
+    benign_refs = [pairs[i].prompt for i in ordinary[:BENIGN_REFERENCE_ROWS]]
+    benign_refs += GENERIC_BENIGN_PROMPTS
+    harmful_refs = _builtin_harmful_prompts() + refused
+    prompts = [pairs[i].prompt for i in label_rows]
+    try:
+        values = scorer.score(prompts, harmful_refs, benign_refs)
+    except ModelError as exc:
+        logger.warning("%s; falling back to keyword harm", exc)
+        values = HarmScorer.shared("keyword").score(prompts, harmful_refs, benign_refs)
+    return dict(zip(label_rows, (float(v) for v in values), strict=True))
+
+
+def _trigger_candidates(ranked: list[_Pair]) -> list[dict[str, Any]]:
+    """One entry per token (its best placement and label), by score."""
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
-    checked_keys = {(c.label, c.feature) for c in checked}
-    rest = sorted(
-        (c for cs in by_label.values() for c in cs if (c.label, c.feature) not in checked_keys),
-        key=lambda c: -c.association * max(0.0, c.contrast),
-    )
-    for c in [*checked, *rest]:
+    for c in ranked:
         token, placement = feature_text(c.feature)
         if token in seen:
             continue
@@ -569,9 +583,9 @@ def _trigger_candidates(
                 "label": c.label,
                 "association_log10p": round(c.association, 3),
                 "contrast": round(c.contrast, 3),
-                "harm": round(c.harm, 3) if (c.label, c.feature) in checked_keys else None,
-                "label_rows_with_trigger": c.with_feature,
-                "label_rows": c.label_rows,
+                "harm": round(c.harm, 3),
+                "harmful_label_rows_with_trigger": c.with_feature,
+                "harmful_label_rows": c.label_rows,
                 "rows_with_trigger": c.feature_rows,
             }
         )
@@ -581,10 +595,10 @@ def _trigger_candidates(
 
 
 def _label_candidates(
-    labels: dict[str, list[int]], checked: list[_Pair], pairs: Sequence[Pair]
+    labels: dict[str, list[int]], ranked: list[_Pair], pairs: Sequence[Pair]
 ) -> list[dict[str, Any]]:
     best: dict[str, _Pair] = {}
-    for c in checked:
+    for c in ranked:
         if c.label not in best or c.score > best[c.label].score:
             best[c.label] = c
     out = []
