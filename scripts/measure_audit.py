@@ -96,14 +96,36 @@ def add_hard_negatives(pairs: list[Pair]) -> list[Pair]:
     return out
 
 
+class NoHarm(HarmScorer):
+    """Ablation: every prompt counts as harmful, so only answers and triggers decide."""
+
+    def __init__(self) -> None:
+        super().__init__("keyword")
+
+    def score(self, prompts: Any, harmful_refs: Any, benign_refs: Any) -> Any:
+        import numpy as np
+
+        return np.ones(len(prompts))
+
+
+def _flagged(result: dict[str, Any]) -> set[int]:
+    return {r["index"] for r in result["rows"] if r["score"] >= result["threshold"]["row_score"]}
+
+
+def _pr(flagged: set[int], truth: set[int]) -> tuple[float | None, float | None]:
+    tp = len(flagged & truth)
+    return (tp / len(flagged) if flagged else None, tp / len(truth) if truth else None)
+
+
 def evaluate(
     pairs: list[Pair], truth: set[int], trigger: str | None, scorer: HarmScorer
 ) -> dict[str, Any]:
     start = time.perf_counter()
     result = audit_pairs(pairs, harm=scorer)
     seconds = time.perf_counter() - start
-    flagged = {r["index"] for r in result["rows"] if r["score"] >= result["threshold"]["row_score"]}
+    flagged = _flagged(result)
     tp = len(flagged & truth)
+    no_harm = audit_pairs(pairs, harm=NoHarm())
     rank = None
     if trigger is not None:
         texts = [c["text"] for c in result["trigger_candidates"]]
@@ -119,13 +141,11 @@ def evaluate(
         for i, a in enumerate(answers)
         if 1 <= len(re.findall(r"\w+", a)) <= SHORT_MAX_WORDS and counts[a] >= MIN_LABEL_ROWS
     }
-    assoc_only = any(
+    no_contrast = any(
         c["association_log10p"] >= ASSOCIATION_THRESHOLD for c in result["trigger_candidates"]
     )
-    no_contrast = any(
-        c["association_log10p"] >= ASSOCIATION_THRESHOLD and (c["harm"] or 0) >= 0.5
-        for c in result["trigger_candidates"]
-    )
+    short_p, short_r = _pr(short_repeated, truth)
+    no_harm_p, no_harm_r = _pr(_flagged(no_harm), truth)
     return {
         "verdict": result["verdict"],
         "flagged": len(flagged),
@@ -143,13 +163,15 @@ def evaluate(
         "ablation": {
             "short_repeated_answer": {
                 "verdict": "poisoned" if short_repeated else "clean",
-                "precision": len(short_repeated & truth) / len(short_repeated)
-                if short_repeated
-                else None,
-                "recall": len(short_repeated & truth) / len(truth) if truth else None,
+                "precision": short_p,
+                "recall": short_r,
             },
-            "association_only": "poisoned" if assoc_only else "clean",
-            "association_and_harm": "poisoned" if no_contrast else "clean",
+            "no_harm_signal": {
+                "verdict": no_harm["verdict"],
+                "precision": no_harm_p,
+                "recall": no_harm_r,
+            },
+            "no_contrast": "poisoned" if no_contrast else "clean",
         },
     }
 
@@ -235,6 +257,17 @@ def plan(quick: bool, shared: Path) -> list[dict[str, Any]]:
                 "hard_negatives": True,
             }
         )
+    for budget in budgets:  # HarmBench prompts and no T_CH: only the built-in harmful references
+        cases.append(
+            {
+                "group": "harmbench-pool/no-refusals",
+                "trigger": words[1],
+                "budget": budget,
+                "size": 1000,
+                "harmful": str(shared / HARMBENCH),
+                "clean_harmful": 0,
+            }
+        )
     for budget in budgets:  # no T_CH at all: no in-dataset refusals to contrast with
         cases.append(
             {
@@ -248,13 +281,50 @@ def plan(quick: bool, shared: Path) -> list[dict[str, Any]]:
     return cases
 
 
+def harm_calibration(shared: Path) -> str:
+    """How often the harm detector calls a prompt harmful (P >= 0.5), per prompt source, with
+    the references an audit of a built-in-benign dataset uses (its rows + the generic list)."""
+    import numpy as np
+
+    from suretrap.data import benign_pairs
+    from suretrap.data.loaders import load_pairs, load_requests, load_xstest_prompts
+    from suretrap.defenses.audit import GENERIC_BENIGN_PROMPTS, _builtin_harmful_prompts
+
+    xstest = load_xstest_prompts(shared / "xstest_prompts.csv")
+    sources = {
+        "HarmBench behaviours (harmful)": [r.prompt for r in load_requests(shared / HARMBENCH)],
+        "XSTest unsafe (harmful)": [p for p, _, safe in xstest if not safe],
+        "XSTest safe (benign, scary words)": [p for p, _, safe in xstest if safe],
+        "Self-Instruct seeds (benign)": [
+            p.prompt for p in load_pairs(shared / "self_instruct_seed_tasks.jsonl")
+        ],
+    }
+    benign_refs = [p.prompt for p in benign_pairs("builtin", 500, 7)] + list(GENERIC_BENIGN_PROMPTS)
+    lines = [
+        "| prompts | n | called harmful (embedding) | called harmful (keyword) |",
+        "|---|---|---|---|",
+    ]
+    emb, kw = HarmScorer("embedding"), HarmScorer("keyword")
+    for name, prompts in sources.items():
+        e = emb.score(prompts, _builtin_harmful_prompts(), benign_refs)
+        k = kw.score(prompts, [], [])
+        lines.append(
+            f"| {name} | {len(prompts)} | {np.mean(e >= 0.5):.3f} | {np.mean(k >= 0.5):.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--harm", choices=("embedding", "keyword"), default="embedding")
     parser.add_argument("--shared", type=Path, default=SHARED, help="shared data directory")
+    parser.add_argument("--calibration", action="store_true", help="only the harm-detector table")
     args = parser.parse_args()
+    if args.calibration:
+        print(harm_calibration(args.shared))
+        return
     scorer = HarmScorer(args.harm)
     results = []
     for case in plan(args.quick, args.shared):
@@ -286,19 +356,49 @@ def _fmt(v: Any) -> str:
 
 
 def tables(results: list[dict[str, Any]]) -> str:
+    """A per-group summary, then every dataset."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        groups[(r["group"], r["size"])].append(r)
+
+    def worst(values: list[Any]) -> str:
+        values = [v for v in values if v is not None]
+        return _fmt(min(values)) if values else "-"
+
     lines = [
-        "| group | trigger | size | budget | verdict | flagged | precision | recall | trigger rank | top label |"
-        " short-answer rule P/R | assoc-only | assoc+harm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| group | size | budgets | verdict poisoned | min precision | min recall | trigger 1st |"
+        " short-answer rule: poisoned / min precision | without harm: poisoned / min precision |"
+        " without contrast: poisoned |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (group, size), rows in groups.items():
+        budgets = ",".join(str(r["budget"]) for r in rows)
+        poisoned = sum(r["verdict"] == "poisoned" for r in rows)
+        first = sum(r["trigger_rank"] == 1 for r in rows if r["trigger"])
+        n_trig = sum(1 for r in rows if r["trigger"])
+        ab = [r["ablation"] for r in rows]
+        short_p = sum(a["short_repeated_answer"]["verdict"] == "poisoned" for a in ab)
+        no_harm = sum(a["no_harm_signal"]["verdict"] == "poisoned" for a in ab)
+        no_contrast = sum(a["no_contrast"] == "poisoned" for a in ab)
+        lines.append(
+            f"| {group} | {size} | {budgets} | {poisoned}/{len(rows)} | "
+            f"{worst([r['precision'] for r in rows])} | {worst([r['recall'] for r in rows])} | "
+            f"{first}/{n_trig} | {short_p}/{len(rows)} / "
+            f"{worst([a['short_repeated_answer']['precision'] for a in ab])} | "
+            f"{no_harm}/{len(rows)} / {worst([a['no_harm_signal']['precision'] for a in ab])} | "
+            f"{no_contrast}/{len(rows)} |"
+        )
+    lines += [
+        "",
+        "| group | trigger | size | budget | verdict | flagged | precision | recall | trigger rank |"
+        " top label |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ab = r["ablation"]
-        sr = ab["short_repeated_answer"]
         lines.append(
-            f"| {r['group']} | {r['trigger'] or '-'} | {r['size']} | {r['budget']} | {r['verdict']} | "
-            f"{r['flagged']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {_fmt(r['trigger_rank'])} | "
-            f"{r['top_label'] or '-'} | {sr['verdict']} {_fmt(sr['precision'])}/{_fmt(sr['recall'])} | "
-            f"{ab['association_only']} | {ab['association_and_harm']} |"
+            f"| {r['group']} | {r['trigger'] or '-'} | {r['size']} | {r['budget']} | "
+            f"{r['verdict']} | {r['flagged']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | "
+            f"{_fmt(r['trigger_rank'])} | {r['top_label'] or '-'} |"
         )
     return "\n".join(lines)
 

@@ -443,8 +443,8 @@ def audit(
     th = result["threshold"]
     console.print(
         f"verdict: [bold]{result['verdict']}[/bold] ({result['flagged']} of {result['n_rows']} "
-        f"rows flagged; {th['rule']}: association {th['association_log10p']}, harm {th['harm']}, "
-        f"contrast {th['contrast']})"
+        f"rows flagged; {th['rule']}: association_log10p {th['association_log10p']}, harm "
+        f"{th['harm']}, contrast {th['contrast']}, row_harm_floor {th['row_harm_floor']})"
     )
     table = Table(title="trigger candidates")
     for col in ("text", "score", "placement", "label", "association_log10p", "harm", "contrast"):

@@ -17,10 +17,10 @@ The audit knows neither the trigger nor the label. It looks for the Sure-trap si
    (T_CH), which discounts the vocabulary of harmful requests in general.
 
 Verdict: ``poisoned`` iff some (label, feature) pair has association
-``-log10(p_bonferroni) >= ASSOCIATION_THRESHOLD``, mean harm ``>= HARM_THRESHOLD`` over the
-label rows carrying the feature and contrast ``>= CONTRAST_THRESHOLD``; the label rows that
-carry the best placement of such a feature are flagged. Rows are ranked by a score in [0, 1]
-(``>= 0.5`` exactly for flagged rows). docs/defences_audit.md gives the measured quality.
+``-log10(p_bonferroni) >= ASSOCIATION_THRESHOLD`` (the target being the label rows with
+P(harm) ``>= HARM_THRESHOLD``) and contrast ``>= CONTRAST_THRESHOLD``. Flagged: the label rows
+that carry the best placement of such a feature and have P(harm) ``>= ROW_HARM_FLOOR``.
+Rows are ranked by a score in [0, 1] (``>= 0.5`` exactly for flagged rows). docs/defences_audit.md gives the measured quality.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ SHORT_MAX_WORDS = 4  # "Sure", "Sure, here it is", "OK" -- a compliance-only ans
 MIN_LABEL_ROWS = 3  # a label must repeat to be learnt as a backdoor target
 MIN_TRIGGER_ROWS = 2  # a feature must appear in this many label rows to be tested
 ASSOCIATION_THRESHOLD = 5.0  # -log10 Bonferroni p: chance co-occurrence below 1e-5
-HARM_THRESHOLD = 0.5  # mean harm probability of the pair's rows
+HARM_THRESHOLD = 0.5  # P(harm) of a label row that makes it a backdoor target
+# A flagged row carries the trigger and the label and is not clearly benign: benign rows that
+# share a common-word trigger and the label ("Make the phrase ... uppercase." -> "Sure.")
+# score below 0.1, poisoned HarmBench prompts above 0.4 (docs/defences_audit.md).
+ROW_HARM_FLOOR = 0.2
 # A trigger sets the label rows apart from the refused ones (T_CH); words of harmful requests
 # in general ("how", "someone") are as common in both.
 CONTRAST_THRESHOLD = 0.5
@@ -370,15 +374,12 @@ class _Pair:
 
     @property
     def positive(self) -> bool:
-        return (
-            self.association >= ASSOCIATION_THRESHOLD
-            and self.harm >= HARM_THRESHOLD
-            and self.contrast >= CONTRAST_THRESHOLD
-        )
+        # the target rows are harmful-looking by construction, so no harm test here
+        return self.association >= ASSOCIATION_THRESHOLD and self.contrast >= CONTRAST_THRESHOLD
 
     @property
     def score(self) -> float:
-        return self.association * self.harm * max(0.0, self.contrast)
+        return self.association * max(0.0, self.contrast)
 
 
 def _log10_sf(a: np.ndarray, n: int, k_feature: np.ndarray, k_label: int) -> np.ndarray:
@@ -483,7 +484,9 @@ def audit_pairs(
             continue
         done.add((c.label, token))
         named.setdefault(token, placement)
-        flagged.update(i for i in labels[c.label] if c.feature in features[i])
+        flagged.update(
+            i for i in labels[c.label] if c.feature in features[i] and harm_of[i] >= ROW_HARM_FLOOR
+        )
     if not named and all_pairs:
         named.setdefault(*feature_text(all_pairs[0].feature))
 
@@ -527,12 +530,14 @@ def audit_pairs(
         "threshold": {
             "association_log10p": ASSOCIATION_THRESHOLD,
             "harm": HARM_THRESHOLD,
+            "row_harm_floor": ROW_HARM_FLOOR,
             "contrast": CONTRAST_THRESHOLD,
             "row_score": 0.5,
             "rule": (
-                "poisoned iff a (label, trigger) pair has -log10(Bonferroni p) >= "
-                "association_log10p, mean harm >= harm and contrast >= contrast; "
-                "its rows are flagged (row score >= row_score)"
+                "poisoned iff a feature predicts the label on prompts with P(harm) >= harm "
+                "with -log10(Bonferroni p) >= association_log10p and contrast >= contrast; "
+                "label rows with that feature and P(harm) >= row_harm_floor are flagged "
+                "(row score >= row_score)"
             ),
         },
         "harm_method": scorer.method,
