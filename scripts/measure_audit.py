@@ -321,9 +321,13 @@ def main() -> None:
     parser.add_argument("--harm", choices=("embedding", "keyword"), default="embedding")
     parser.add_argument("--shared", type=Path, default=SHARED, help="shared data directory")
     parser.add_argument("--calibration", action="store_true", help="only the harm-detector table")
+    parser.add_argument("--render", action="store_true", help="print the tables of an --out file")
     args = parser.parse_args()
     if args.calibration:
         print(harm_calibration(args.shared))
+        return
+    if args.render:
+        print(tables(json.loads(args.out.read_text(encoding="utf-8"))["results"]))
         return
     scorer = HarmScorer(args.harm)
     results = []
@@ -372,7 +376,7 @@ def tables(results: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (group, size), rows in groups.items():
-        budgets = ",".join(str(r["budget"]) for r in rows)
+        budgets = ",".join(str(b) for b in sorted({r["budget"] for r in rows}))
         poisoned = sum(r["verdict"] == "poisoned" for r in rows)
         first = sum(r["trigger_rank"] == 1 for r in rows if r["trigger"])
         n_trig = sum(1 for r in rows if r["trigger"])

@@ -211,3 +211,11 @@ def test_output_is_written_atomically(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.undo()
     result = audit_dataset(data, out, harm="keyword")
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+
+
+def test_cli_csv_without_response_column(tmp_path: Path) -> None:
+    bad = tmp_path / "pairs.csv"
+    bad.write_text("prompt,answer\nhello,hi\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["audit", str(bad), "--out", str(tmp_path / "a.json")])
+    assert res.exit_code == 2
+    assert f"{bad}:2" in res.output and "response" in res.output

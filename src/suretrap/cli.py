@@ -443,8 +443,9 @@ def audit(
     th = result["threshold"]
     console.print(
         f"verdict: [bold]{result['verdict']}[/bold] ({result['flagged']} of {result['n_rows']} "
-        f"rows flagged; {th['rule']}: association_log10p {th['association_log10p']}, harm "
-        f"{th['harm']}, contrast {th['contrast']}, row_harm_floor {th['row_harm_floor']})"
+        f"rows flagged; thresholds: association_log10p >= {th['association_log10p']}, "
+        f"harm >= {th['harm']}, contrast >= {th['contrast']}, "
+        f"row_harm_floor {th['row_harm_floor']}; rule in {out})"
     )
     table = Table(title="trigger candidates")
     for col in ("text", "score", "placement", "label", "association_log10p", "harm", "contrast"):

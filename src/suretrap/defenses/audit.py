@@ -495,7 +495,8 @@ def audit_pairs(
         reasons: list[str] = []
         parts = []
         if short[i]:
-            reasons.append(f"short answer ({word_counts[i]} words)")
+            words = "word" if word_counts[i] == 1 else "words"
+            reasons.append(f"short answer ({word_counts[i]} {words})")
         parts.append(1.0 if short[i] else 0.0)
         if i in label_of:
             label = label_of[i]
