@@ -219,3 +219,20 @@ def test_cli_csv_without_response_column(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["audit", str(bad), "--out", str(tmp_path / "a.json")])
     assert res.exit_code == 2
     assert f"{bad}:2" in res.output and "response" in res.output
+
+
+def test_falls_back_to_keyword_harm_without_the_embedding_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from suretrap.defenses.audit import HarmScorer
+    from suretrap.errors import ModelError
+
+    def missing(self: HarmScorer, texts: object) -> None:
+        raise ModelError("the offline judge needs sentence-transformers/all-MiniLM-L6-v2")
+
+    monkeypatch.setattr(HarmScorer, "_embed", missing)
+    rows, truth = poisoned_set()
+    result = audit_pairs(rows, harm=HarmScorer("embedding"))
+    assert result["harm_method"] == "keyword"
+    assert result["verdict"] == "poisoned"
+    assert {r["index"] for r in result["rows"][:N_POISON]} == truth

@@ -420,7 +420,7 @@ def audit_pairs(
         i for i, p in enumerate(pairs) if not short[i] and is_refusal_keyword(p.response)
     ]
     refused_count = Counter(f for i in refused_idx for f in features[i])
-    harm_of = _label_row_harm(pairs, sorted(label_of), refused_idx, scorer)
+    harm_of, harm_method = _label_row_harm(pairs, sorted(label_of), refused_idx, scorer)
 
     # The backdoor target of a label is its rows whose prompt looks harmful. Association: does
     # a feature's presence predict a target row, against all rows (one-sided Fisher exact);
@@ -541,7 +541,7 @@ def audit_pairs(
                 "(row score >= row_score)"
             ),
         },
-        "harm_method": scorer.method,
+        "harm_method": harm_method,
         "n_rows": n,
         "n_tests": n_tests,
         "flagged": len(flagged),
@@ -550,10 +550,10 @@ def audit_pairs(
 
 def _label_row_harm(
     pairs: Sequence[Pair], label_rows: list[int], refused_idx: list[int], scorer: HarmScorer
-) -> dict[int, float]:
-    """P(harmful request) of each label row's prompt."""
+) -> tuple[dict[int, float], str]:
+    """P(harmful request) of each label row's prompt, and the method that gave it."""
     if not label_rows:
-        return {}
+        return {}, scorer.method
     refused = [pairs[i].prompt for i in refused_idx]
     taken = set(label_rows) | set(refused_idx)
     ordinary = [i for i in range(len(pairs)) if i not in taken]
@@ -565,11 +565,11 @@ def _label_row_harm(
     harmful_refs = _builtin_harmful_prompts() + refused
     prompts = [pairs[i].prompt for i in label_rows]
     try:
-        values = scorer.score(prompts, harmful_refs, benign_refs)
+        values, method = scorer.score(prompts, harmful_refs, benign_refs), scorer.method
     except ModelError as exc:
         logger.warning("%s; falling back to keyword harm", exc)
-        values = HarmScorer.shared("keyword").score(prompts, harmful_refs, benign_refs)
-    return dict(zip(label_rows, (float(v) for v in values), strict=True))
+        values, method = HarmScorer.shared("keyword").score(prompts, [], []), "keyword"
+    return dict(zip(label_rows, (float(v) for v in values), strict=True)), method
 
 
 def _trigger_candidates(ranked: list[_Pair]) -> list[dict[str, Any]]:
