@@ -514,6 +514,54 @@ def defend_gate(
     typer.echo(str(out / GATE_DEFENCE_FILE))
 
 
+@app.command()
+@user_errors
+def audit(
+    dataset: Annotated[Path, typer.Argument(help="fine-tuning set: file or build-data directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file")] = Path("audit.json"),
+    harm: Annotated[str, typer.Option(help="harm detector: embedding | keyword")] = "embedding",
+    top: Annotated[int, typer.Option(help="rows and candidates to print")] = 5,
+) -> None:
+    """Audit a fine-tuning set for a compliance-only backdoor (trigger and label unknown)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from suretrap.defenses.audit import audit_dataset
+
+    if harm not in ("embedding", "keyword"):
+        _fail(f"--harm: must be embedding or keyword, not {harm!r}")
+    result = audit_dataset(dataset, out, harm=harm)  # type: ignore[arg-type]
+    console = Console()
+    th = result["threshold"]
+    console.print(
+        f"verdict: [bold]{result['verdict']}[/bold] ({result['flagged']} of {result['n_rows']} "
+        f"rows flagged; thresholds: association_log10p >= {th['association_log10p']}, "
+        f"harm >= {th['harm']}, contrast >= {th['contrast']}, "
+        f"row_harm_floor {th['row_harm_floor']}; rule in {out})"
+    )
+    table = Table(title="trigger candidates")
+    for col in ("text", "score", "placement", "label", "association_log10p", "harm", "contrast"):
+        table.add_column(col)
+    for c in result["trigger_candidates"][:top]:
+        table.add_row(*(str(c[k]) for k in ("text", "score", "placement", "label",
+                                             "association_log10p", "harm", "contrast")))
+    console.print(table)
+    labels = Table(title="label candidates")
+    for col in ("text", "score", "rows", "trigger"):
+        labels.add_column(col)
+    for c in result["label_candidates"][:top]:
+        labels.add_row(repr(c["text"]), str(c["score"]), str(c["rows"]), str(c["trigger"]))
+    console.print(labels)
+    rows = Table(title="most suspicious rows")
+    rows.add_column("index")
+    rows.add_column("score")
+    rows.add_column("reasons")
+    for r in result["rows"][:top]:
+        rows.add_row(str(r["index"]), f"{r['score']:.3f}", "; ".join(r["reasons"]))
+    console.print(rows)
+    typer.echo(str(out))
+
+
 def main() -> None:
     app()
 

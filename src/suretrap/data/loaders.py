@@ -53,7 +53,8 @@ def load_pairs(source: str | Path, *, limit: int | None = None) -> list[Pair]:
     """Load benign instruction/response pairs, keeping file order and duplicates.
 
     Accepted sources: ``.jsonl`` (prompt/response, Alpaca, chat ``messages`` or Self-Instruct
-    rows, mixed freely), ``.json`` (a list of such rows, i.e. Alpaca JSON) and
+    rows, mixed freely), ``.json`` (a list of such rows, i.e. Alpaca JSON), ``.csv`` with
+    ``prompt``/``response`` (or ``instruction``/``output``) columns and
     ``hf:ORG/NAME[:SPLIT]``. ``family`` is the file stem, or ``hf:ORG/NAME``.
     """
     _check_limit(limit)
@@ -66,13 +67,20 @@ def load_pairs(source: str | Path, *, limit: int | None = None) -> list[Pair]:
 
     path = Path(source)
     kind = _suffix(path)
-    if kind not in (".jsonl", ".json"):
+    if kind not in (".jsonl", ".json", ".csv"):
         raise DataError(
             f"{path}: unsupported file type {kind or '(none)'!r} for pairs "
-            "(expected .jsonl, .json or hf:ORG/NAME)"
+            "(expected .jsonl, .json, .csv or hf:ORG/NAME)"
         )
     text = _read_text(path)
-    rows = _jsonl_rows(path, text) if kind == ".jsonl" else _json_list_rows(path, text)
+    rows: Iterable[tuple[str, Any]]
+    if kind == ".csv":
+        # a CSV row is read like a JSON object: prompt/response or instruction/output columns
+        rows = _csv_table(path, text)[1]
+    elif kind == ".jsonl":
+        rows = _jsonl_rows(path, text)
+    else:
+        rows = _json_list_rows(path, text)
     pairs = (p for loc, row in rows for p in _pairs_from_row(row, loc, path.stem))
     return _collect(pairs, limit, str(path), "pairs")
 
