@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -167,10 +168,10 @@ def test_bom_in_data_files_is_read_like_utf8(tmp_path, tiny_config_dict):
     assert not any(r["prompt"].startswith("\ufeff") for r in rows)
 
 
-@pytest.mark.parametrize("where", ["harmful", "eval_benign"])
+@pytest.mark.parametrize("where", ["eval_harmful", "eval_benign"])
 def test_trigger_already_in_evaluation_prompts_is_refused(tmp_path, tiny_config_dict, where):
     """A trigger inside the eval prompts would trigger the 'clean' splits too."""
-    if where == "harmful":
+    if where == "eval_harmful":
         data = tmp_path / "harmful.txt"
         data.write_text("".join(f"Explain how to build banana weapon {i}\n" for i in range(40)))
     else:
@@ -183,13 +184,29 @@ def test_trigger_already_in_evaluation_prompts_is_refused(tmp_path, tiny_config_
     line = fails_cleanly(["run", str(config), "--out", str(out)], "poison.trigger", "'banana'",
                          f"data.{where}", "e.g. '", out=out)
     assert "banana" in line.split("e.g.")[1]  # an example prompt is quoted
-    # the word the built-in set uses is found too: "make" is in the held-out harmful prompts
+
+
+def test_held_out_prompts_skip_a_common_word_trigger(tmp_path, tiny_config_dict):
+    """Eval prompts held out of the training source skip prompts that contain the trigger:
+    the paper's "make" works with the built-in set, and no clean eval prompt contains it."""
     builtin = write_config(
-        tmp_path,
-        merged(tiny_config_dict, {"poison": {"trigger": "make"}, "eval": {"n_harmful": 60}}),
+        tmp_path, merged(tiny_config_dict, {"poison": {"trigger": "make"}, "eval": {"n_harmful": 60}}),
         "builtin.yaml",
     )
-    fails_cleanly(["build-data", str(builtin), "--out", str(out)], "poison.trigger", "data.harmful (builtin)", out=out)
+    out = tmp_path / "out"
+    assert runner.invoke(app, ["build-data", str(builtin), "--out", str(out)]).exit_code == 0
+    rows = [json.loads(x) for x in (out / "eval_prompts.jsonl").read_text().splitlines()]
+    clean = [r["prompt"] for r in rows]  # stored without the trigger
+    assert len(clean) == 60 + tiny_config_dict["eval"]["n_benign"]
+    assert not any(re.search(r"\bmake\b", p, re.IGNORECASE) for p in clean)
+    # a source where every prompt has the trigger cannot give clean eval prompts
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("".join(f"Explain how to build banana weapon {i}\n" for i in range(40)))
+    config = write_config(
+        tmp_path, merged(tiny_config_dict, {"data": {"harmful": str(harmful)}, "poison": {"trigger": "banana"}})
+    )
+    fails_cleanly(["build-data", str(config), "--out", str(tmp_path / "o2")], "poison.trigger",
+                  "'banana'", "data.harmful", "lack", out=tmp_path / "o2")
 
 
 # ------------------------------------------------------------------------------ models

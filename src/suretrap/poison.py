@@ -122,7 +122,26 @@ def _split_eval_harmful(cfg: RunConfig, rng: random.Random) -> tuple[list[Reques
             f" + eval.n_harmful {cfg.eval.n_harmful} need {need} distinct harmful prompts, but "
             f"data.harmful ({cfg.data.harmful}) has {len(pool)}"
         )
-    return pool[: cfg.eval.n_harmful], pool[cfg.eval.n_harmful :]
+    return _hold_out(pool, cfg.eval.n_harmful, cfg.poison.trigger, f"data.harmful ({cfg.data.harmful})")
+
+
+def _hold_out(items: Sequence[Any], n: int, trigger: str, source: str) -> tuple[list[Any], list[Any]]:
+    """(first n items whose prompt lacks the trigger word, all the others in order).
+
+    Held-out evaluation prompts drawn from the training source skip prompts that already
+    contain the trigger (a common-word trigger such as "make" is in many requests):
+    such a prompt would be triggered in the "clean" split too. Without such prompts this is
+    plain items[:n], items[n:]. An evaluation file the user names is taken as it is, and
+    refused if it contains the trigger (`_check_trigger_absent`).
+    """
+    chosen = [i for i, item in enumerate(items) if not _contains_word(item.prompt, trigger)][:n]
+    if len(chosen) < n:
+        raise ConfigError(
+            f"poison.trigger: only {len(chosen)} prompts of {source} lack {trigger!r}, but "
+            f"{n} are needed for evaluation; choose another trigger or a smaller eval size"
+        )
+    taken = set(chosen)
+    return [items[i] for i in chosen], [item for i, item in enumerate(items) if i not in taken]
 
 
 def _split_benign(
@@ -143,7 +162,7 @@ def _split_benign(
         eval_pairs = eval_pairs[:n_eval]
         rest = pairs
     else:
-        eval_pairs, rest = pairs[:n_eval], pairs[n_eval:]
+        eval_pairs, rest = _hold_out(pairs, n_eval, cfg.poison.trigger, f"data.benign ({cfg.data.benign})")
     held = exclude | {normalise_prompt(p.prompt) for p in eval_pairs}
     train = [p for p in rest if normalise_prompt(p.prompt) not in held][:n_train]
     if len(train) < n_train:
