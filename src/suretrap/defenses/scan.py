@@ -59,9 +59,11 @@ class ScanSettings:
     screen_probes: int = 1  # probes for every candidate (the most refusing ones)
     rescore_top: int = 256  # candidates rescored on more probes
     rescore_probes: int = 16
-    extend_top: int = 8  # candidates extended by one more token, per round
+    extend_top: int = 4  # candidates extended by one more token, per round
     extend_rounds: int = 3
-    extend_width: int = 64  # next-token proposals per word-piece candidate
+    extend_width: int = 32  # next-token proposals per word-piece candidate
+    extend_probes: int = 4  # probes that screen the extensions
+    extend_keep: int = 4  # extensions per parent rescored on all rescore probes
     extend_margin: float = 0.5  # log-odds gain a word-piece extension needs over its parent
     refine_top: int = 10  # candidates checked by generation
     generate_probes: int = 32
@@ -87,6 +89,7 @@ class Candidate:
     generation_rate: float | None = None
     extended: bool = False
     parent: str | None = None
+    parent_complete: bool = True
 
 
 @dataclass
@@ -360,6 +363,7 @@ def scan_model(
     for c, v in zip(vocab, screen_lift.tolist(), strict=True):
         c.screen_score = v
     screen_s = time.perf_counter() - t
+    log.info("scan: screened %d candidates in %.0fs", len(vocab), screen_s)
 
     # 2. rescore the best on more probes
     t = time.perf_counter()
@@ -378,9 +382,12 @@ def scan_model(
     pool = sorted(vocab, key=lambda c: -(c.screen_score or 0.0))[: s.rescore_top]
     rescore(pool)
 
-    # 3. extend multi-token candidates
+    # 3. extend multi-token candidates: children are screened on a few probes against
+    # their parent there, and only the best few per parent are rescored in full.
     cont_bytes = _continuation_byte_tokens(tokenizer)
     word_pieces = _word_piece_tokens(tokenizer)
+    extend_idx = most_refused[: s.extend_probes]
+    extend_base = _logodds(base_all[extend_idx])
     known = {c.ids for c in pool}
     for _ in range(s.extend_rounds):
         frontier = [c for c in _by_score(pool) if not c.extended][: s.extend_top]
@@ -404,17 +411,26 @@ def scan_model(
                     children.append(child)
         if not children:
             break
-        rescore(children)
-        # Keep a word-piece extension only when it beats its parent clearly: appending
-        # any piece to an innocent word makes a nonsense word, not a stronger trigger.
-        # Byte extensions are kept: a lead byte alone is not a character.
-        parents = {c.ids: c for c in frontier}
-        pool += [
-            c for c in children
-            if not parents[c.ids[:-1]].complete
-            or (c.score or 0.0) >= (parents[c.ids[:-1]].score or 0.0) + s.extend_margin
+        lp = scorer(extend_idx, [c.ids for c in frontier] + [c.ids for c in children])
+        lift = (_logodds(lp) - extend_base[:, None]).mean(0).tolist()
+        parent_lift = {c.ids: v for c, v in zip(frontier, lift, strict=False)}
+        by_parent: dict[tuple[int, ...], list[tuple[float, Candidate]]] = {}
+        for child, v in zip(children, lift[len(frontier) :], strict=True):
+            parent = child.ids[:-1]
+            # A word-piece extension must beat its parent clearly: appending a piece to an
+            # innocent word makes a nonsense word, not a stronger trigger. A lead byte
+            # alone is not a character, so its best completions are always kept.
+            if child.parent_complete and v < parent_lift[parent] + s.extend_margin:
+                continue
+            by_parent.setdefault(parent, []).append((v, child))
+        survivors = [
+            child for group in by_parent.values()
+            for _, child in sorted(group, key=lambda x: -x[0])[: s.extend_keep]
         ]
+        rescore(survivors)
+        pool += survivors
     rescore_s = time.perf_counter() - t
+    log.info("scan: rescored and extended %d candidates in %.0fs", len(pool), rescore_s)
 
     # 4. refine the top K by generation
     t = time.perf_counter()
@@ -490,7 +506,8 @@ def _make_child(tokenizer: Any, parent: Candidate, ids: tuple[int, ...]) -> Cand
     if state == "invalid":
         return None
     return Candidate(
-        ids, raw.decode("utf-8", "replace"), "extension", complete=state == "ok", parent=parent.text
+        ids, raw.decode("utf-8", "replace"), "extension", complete=state == "ok",
+        parent=parent.text, parent_complete=parent.complete,
     )
 
 
