@@ -321,7 +321,7 @@ def scan_model(
     `scorer` and `generator` replace the model calls (tests plant a trigger with them).
     """
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     s = settings
     n_probes = max(s.probe_pool, s.screen_probes, s.rescore_probes, s.generate_probes)
     probes = probe_prompts(n_probes, s.seed)
@@ -480,6 +480,8 @@ def scan_model(
             "rescore_extend_s": rescore_s,
             "refine_s": refine_s,
             "total_s": total_s,
+            # CPU seconds of this process: wall time on a shared machine mostly measures the load
+            "cpu_s": time.process_time() - cpu_started,
             "candidates_per_s": len(vocab) / max(screen_s, 1e-9),
         },
     }
