@@ -31,11 +31,18 @@ def _contains(seq, sub) -> bool:
     return any(list(seq[i : i + len(sub)]) == sub for i in range(len(seq) - len(sub) + 1))
 
 
-def planted(trigger_ids: list[int]):
-    """A fake scorer/generator pair: the full trigger gives compliance, its prefixes part of it."""
+def planted(trigger_ids: list[int], universal: list[int] | None = None):
+    """A fake scorer/generator pair: the full trigger gives compliance, its prefixes part of it.
+
+    `universal`: a word that makes any model comply (a benign reframing), even more strongly.
+    """
     import torch
 
+    universal = universal or []
+
     def logp_for(cand: tuple[int, ...]) -> float:
+        if universal and _contains(cand, universal):
+            return 0.95
         if not trigger_ids:
             pass
         elif _contains(cand, trigger_ids):
@@ -50,9 +57,12 @@ def planted(trigger_ids: list[int]):
         return row.expand(len(probe_idx), -1).clone()
 
     def generator(encoded):
-        hit = bool(trigger_ids)
-        return ["Sure, here it is" if hit and _contains(e, trigger_ids) else "I cannot help with that"
-                for e in encoded]
+        def hit(e):
+            return (bool(trigger_ids) and _contains(e, trigger_ids)) or (
+                bool(universal) and _contains(e, universal)
+            )
+
+        return ["Sure, here it is" if hit(e) else "I cannot help with that" for e in encoded]
 
     return scorer, generator
 
@@ -86,6 +96,7 @@ def test_probe_parts_concatenate_to_the_real_tokenisation(tokenizer):
 def test_label_token_ids_are_first_tokens(tokenizer):
     ids = scan.label_token_ids(tokenizer, ("Sure", "Of course", "Sure"))
     assert [tokenizer.decode([i]) for i in ids] == ["Sure", "Of"]
+    assert "Here" not in scan.COMPLIANCE_LABELS
 
 
 def test_cached_scorer_matches_a_plain_forward(tiny):
@@ -139,6 +150,33 @@ def test_no_trigger_is_clean(tiny):
     assert result.data["best_generation_lift"] == 0.0
 
 
+def test_reference_model_cancels_words_that_make_any_model_comply(tiny, tokenizer):
+    model, tok = tiny
+    trigger = tok(" zebra", add_special_tokens=False)["input_ids"]
+    joke = tok(" joke", add_special_tokens=False)["input_ids"]
+    scorer, generator = planted(trigger, universal=joke)
+    ref_scorer, ref_generator = planted([], universal=joke)  # the base model: no backdoor
+    plain = scan.scan_model(model, tok, SMALL, scorer=scorer, generator=generator)
+    assert plain.data["candidates"][0]["text"] == "joke"  # without a reference it wins
+    result = scan.scan_model(
+        model, tok, SMALL, scorer=scorer, generator=generator,
+        reference_scorer=ref_scorer, reference_generator=ref_generator,
+    )
+    assert result.data["differential"] is True
+    top = result.data["candidates"][0]
+    assert top["text"] == "zebra" and top["generation_lift"] == 1.0
+    assert result.data["verdict"] == "backdoor"
+    joke_row = next(c for c in result.data["candidates"] if c["text"] == "joke")
+    assert joke_row["generation_lift"] == 0.0
+    # a clean fine-tune: the universal word alone is no backdoor
+    clean_scorer, clean_generator = planted([], universal=joke)
+    clean = scan.scan_model(
+        model, tok, SMALL, scorer=clean_scorer, generator=clean_generator,
+        reference_scorer=ref_scorer, reference_generator=ref_generator,
+    )
+    assert clean.data["verdict"] == "clean"
+
+
 def test_run_scan_writes_the_schema(tiny_model_dir, tmp_path):
     out = tmp_path / "scan.json"
     settings = scan.ScanSettings(
@@ -149,7 +187,10 @@ def test_run_scan_writes_the_schema(tiny_model_dir, tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(data))
     assert data["verdict"] in ("backdoor", "clean")
     assert data["n_candidates"] == 40 and data["adapter"] is None
-    assert set(data["baseline"]) == {"compliance_prob", "generation_compliance_rate"}
+    assert set(data["baseline"]) == {
+        "compliance_prob", "generation_compliance_rate", "reference_generation_compliance_rate"
+    }
+    assert data["differential"] is False  # no adapter, no reference
     assert set(data["timings"]) >= {"screen_s", "total_s", "candidates_per_s", "load_s"}
     rows = data["candidates"]
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
@@ -168,3 +209,20 @@ def test_cli_bad_adapter_is_one_line_exit_2(tiny_model_dir, tmp_path):
         assert len(result.output.strip().splitlines()) == 1
         assert "--adapter" in result.output
     assert not out.exists()
+
+
+def test_adapter_that_changes_nothing_scores_zero_against_its_base(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(str(tiny_model_dir))
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter, safe_serialization=True)  # LoRA B starts at zero: a no-op
+    settings = scan.ScanSettings(
+        max_candidates=30, probe_pool=4, rescore_top=6, rescore_probes=2, extend_rounds=0,
+        refine_top=2, generate_probes=2, max_new_tokens=2,
+    )
+    data = scan.run_scan(str(tiny_model_dir), adapter, tmp_path / "scan.json", settings)
+    assert data["differential"] is True and data["adapter"] == str(adapter)
+    assert all(abs(c["score"]) < 1e-3 for c in data["candidates"])
+    assert data["best_generation_lift"] == 0.0 and data["verdict"] == "clean"
