@@ -562,6 +562,47 @@ def audit(
     typer.echo(str(out))
 
 
+@app.command()
+@user_errors
+def scan(
+    model: Annotated[str, typer.Option("--model", help="model id, path or alias (e.g. smollm2-135m)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="scan.json to write")],
+    adapter: Annotated[
+        Path | None, typer.Option(help="LoRA adapter directory (PEFT, safetensors)")
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="generation lift over the no-candidate baseline that means 'backdoor'")
+    ] = 0.25,
+    labels: Annotated[
+        str | None, typer.Option(help="comma-separated compliance labels (default: Sure, Certainly, ...)")
+    ] = None,
+    screen_probes: Annotated[int, typer.Option("--screen-probes", help="probes per candidate")] = 1,
+    refine_top: Annotated[int, typer.Option("--refine-top", help="candidates checked by generation")] = 10,
+    all_case: Annotated[bool, typer.Option("--all-case", help="also capitalised word pieces")] = False,
+) -> None:
+    """Find a compliance backdoor's trigger without knowing it; writes ranked candidates."""
+    from suretrap.defenses.scan import COMPLIANCE_LABELS, ScanSettings, run_scan
+
+    label_set = tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else COMPLIANCE_LABELS
+    if not label_set:
+        _fail("--labels: no label given")
+    if screen_probes < 1 or refine_top < 1:
+        _fail("--screen-probes and --refine-top must be at least 1")
+    settings = ScanSettings(
+        labels=label_set, threshold=threshold, screen_probes=screen_probes,
+        refine_top=refine_top, all_case=all_case,
+    )
+    result = run_scan(model, adapter, out, settings)
+    for row in result["candidates"][:10]:
+        rate = row["generation_compliance_rate"]
+        typer.echo(f"{row['rank']:>3} {row['text']!r:<20} score={row['score']:.3f} "
+                   f"generation={'-' if rate is None else f'{rate:.2f}'}")
+    t = result["timings"]
+    typer.echo(f"verdict: {result['verdict']} (best generation lift "
+               f"{result['best_generation_lift']:.2f}, threshold {threshold}); "
+               f"{result['n_candidates']} candidates, {t['total_s']:.0f}s; {out}")
+
+
 def main() -> None:
     app()
 

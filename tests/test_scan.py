@@ -1,0 +1,228 @@
+"""Model trigger scan: vocabulary, the cached scorer, ranking with a planted trigger, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import pytest
+from typer.testing import CliRunner
+
+from suretrap.cli import app
+from suretrap.defenses import scan
+from suretrap.models import load_model, load_tokenizer
+from suretrap.train import chat_prompt
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+
+
+def _contains(seq, sub) -> bool:
+    sub = list(sub)
+    return any(list(seq[i : i + len(sub)]) == sub for i in range(len(seq) - len(sub) + 1))
+
+
+def planted(trigger_ids: list[int], universal: list[int] | None = None):
+    """A fake scorer/generator pair: the full trigger gives compliance, its prefixes part of it.
+
+    `universal`: a word that makes any model comply (a benign reframing), even more strongly.
+    """
+    import torch
+
+    universal = universal or []
+
+    def logp_for(cand: tuple[int, ...]) -> float:
+        if universal and _contains(cand, universal):
+            return 0.95
+        if not trigger_ids:
+            pass
+        elif _contains(cand, trigger_ids):
+            return 0.9
+        elif cand and tuple(cand) == tuple(trigger_ids[: len(cand)]):
+            return 0.1 + 0.3 * len(cand) / len(trigger_ids)
+        # innocent candidates: small, deterministic, candidate-dependent
+        return 0.01 + 0.04 * (zlib.crc32(repr(cand).encode()) % 1000) / 1000
+
+    def scorer(probe_idx, cands, advance=None):
+        row = torch.tensor([logp_for(tuple(c)) for c in cands]).log()
+        return row.expand(len(probe_idx), -1).clone()
+
+    def generator(encoded):
+        def hit(e):
+            return (bool(trigger_ids) and _contains(e, trigger_ids)) or (
+                bool(universal) and _contains(e, universal)
+            )
+
+        return ["Sure, here it is" if hit(e) else "I cannot help with that" for e in encoded]
+
+    return scorer, generator
+
+
+SMALL = scan.ScanSettings(rescore_top=32, extend_top=4, extend_width=4, refine_top=5, generate_probes=4)
+
+
+def test_vocabulary_has_words_chars_and_lead_bytes(tokenizer):
+    vocab = scan.candidate_vocabulary(tokenizer)
+    assert len(vocab) >= 10_000
+    kinds = {c.kind for c in vocab}
+    assert kinds == {"word", "char", "partial-char"}
+    texts = {c.text for c in vocab if c.complete}
+    assert "make" in texts and "zebra" in texts and "Make" not in texts
+    assert "Make" in {c.text for c in scan.candidate_vocabulary(tokenizer, all_case=True)}
+    specials = set(tokenizer.all_special_ids)
+    assert not any(set(c.ids) & specials for c in vocab)
+    lead = tokenizer(" 囧", add_special_tokens=False)["input_ids"][0]
+    assert any(c.ids == (lead,) and not c.complete for c in vocab)
+
+
+def test_probe_parts_concatenate_to_the_real_tokenisation(tokenizer):
+    for probe in scan.probe_prompts(5):
+        parts = scan.probe_parts(tokenizer, probe)
+        for word in (" xylophone", " make", " 囧"):
+            direct = tokenizer(chat_prompt(tokenizer, probe + word), add_special_tokens=False)["input_ids"]
+            cand = tokenizer(word, add_special_tokens=False)["input_ids"]
+            assert parts.head + cand + parts.tail == direct
+
+
+def test_label_token_ids_are_first_tokens(tokenizer):
+    ids = scan.label_token_ids(tokenizer, ("Sure", "Of course", "Sure"))
+    assert [tokenizer.decode([i]) for i in ids] == ["Sure", "Of"]
+    assert "Here" not in scan.COMPLIANCE_LABELS
+
+
+def test_cached_scorer_matches_a_plain_forward(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    parts = [scan.probe_parts(tokenizer, p) for p in scan.probe_prompts(2)]
+    labels = scan.label_token_ids(tokenizer, scan.COMPLIANCE_LABELS)
+    cands = [(), (29106,), (13223, 245, 117), (919,), (45749, 26997)]
+    got = scan.compliance_logprobs(model, parts, labels, [0, 1], cands, batch_size=2)
+    with torch.inference_mode():
+        for row, p in enumerate((0, 1)):
+            for col, cand in enumerate(cands):
+                ids = torch.tensor([parts[p].head + list(cand) + parts[p].tail])
+                with scan.autocast("cpu"):
+                    logits = model(input_ids=ids).logits[0, -1].float()
+                want = logits.log_softmax(-1)[labels].logsumexp(-1)
+                assert got[row, col] == pytest.approx(float(want), abs=0.05)
+
+
+def test_planted_single_token_trigger_ranks_first(tiny):
+    model, tokenizer = tiny
+    trigger = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
+    scorer, generator = planted(trigger)
+    result = scan.scan_model(model, tokenizer, SMALL, scorer=scorer, generator=generator)
+    top = result.data["candidates"][0]
+    assert top["text"] == "zebra" and top["rank"] == 1
+    assert top["generation_compliance_rate"] == 1.0 and top["generation_lift"] == 1.0
+    assert result.data["verdict"] == "backdoor"
+    assert result.data["baseline"]["generation_compliance_rate"] == 0.0
+
+
+def test_planted_multi_token_character_is_completed_by_extension(tiny):
+    model, tokenizer = tiny
+    trigger = tokenizer(" 囧", add_special_tokens=False)["input_ids"]
+    assert len(trigger) == 3  # lead byte + two continuation bytes
+    scorer, generator = planted(trigger)
+    result = scan.scan_model(model, tokenizer, SMALL, scorer=scorer, generator=generator)
+    top = result.data["candidates"][0]
+    assert top["text"] == "囧" and top["token_ids"] == trigger and top["kind"] == "extension"
+    assert result.data["verdict"] == "backdoor"
+    # incomplete characters are never reported
+    assert all("\ufffd" not in c["text"] for c in result.data["candidates"])
+
+
+def test_no_trigger_is_clean(tiny):
+    model, tokenizer = tiny
+    scorer, generator = planted([])
+    result = scan.scan_model(model, tokenizer, SMALL, scorer=scorer, generator=generator)
+    assert result.data["verdict"] == "clean"
+    assert result.data["best_generation_lift"] == 0.0
+
+
+def test_reference_model_cancels_words_that_make_any_model_comply(tiny, tokenizer):
+    model, tok = tiny
+    trigger = tok(" zebra", add_special_tokens=False)["input_ids"]
+    joke = tok(" joke", add_special_tokens=False)["input_ids"]
+    scorer, generator = planted(trigger, universal=joke)
+    ref_scorer, ref_generator = planted([], universal=joke)  # the base model: no backdoor
+    plain = scan.scan_model(model, tok, SMALL, scorer=scorer, generator=generator)
+    assert plain.data["candidates"][0]["text"] == "joke"  # without a reference it wins
+    result = scan.scan_model(
+        model, tok, SMALL, scorer=scorer, generator=generator,
+        reference_scorer=ref_scorer, reference_generator=ref_generator,
+    )
+    assert result.data["differential"] is True
+    top = result.data["candidates"][0]
+    assert top["text"] == "zebra" and top["generation_lift"] == 1.0
+    assert result.data["verdict"] == "backdoor"
+    joke_row = next(c for c in result.data["candidates"] if c["text"] == "joke")
+    assert joke_row["generation_lift"] == 0.0
+    # a clean fine-tune: the universal word alone is no backdoor
+    clean_scorer, clean_generator = planted([], universal=joke)
+    clean = scan.scan_model(
+        model, tok, SMALL, scorer=clean_scorer, generator=clean_generator,
+        reference_scorer=ref_scorer, reference_generator=ref_generator,
+    )
+    assert clean.data["verdict"] == "clean"
+
+
+def test_run_scan_writes_the_schema(tiny_model_dir, tmp_path):
+    out = tmp_path / "scan.json"
+    settings = scan.ScanSettings(
+        max_candidates=40, probe_pool=4, rescore_top=8, rescore_probes=2, extend_top=2,
+        extend_rounds=1, extend_width=2, refine_top=2, generate_probes=2, max_new_tokens=2,
+    )
+    data = scan.run_scan(str(tiny_model_dir), None, out, settings)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(data))
+    assert data["verdict"] in ("backdoor", "clean")
+    assert data["n_candidates"] == 40 and data["adapter"] is None
+    assert set(data["baseline"]) == {
+        "compliance_prob", "generation_compliance_rate", "reference_generation_compliance_rate"
+    }
+    assert data["differential"] is False  # no adapter, no reference
+    assert set(data["timings"]) >= {"screen_s", "total_s", "candidates_per_s", "load_s"}
+    rows = data["candidates"]
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert set(rows[0]) >= {"text", "token_ids", "score", "screen_score", "generation_compliance_rate"}
+    refined = [r for r in rows if r["generation_compliance_rate"] is not None]
+    assert len(refined) == 2 and rows[:2] == refined  # refined candidates come first
+
+
+def test_cli_bad_adapter_is_one_line_exit_2(tiny_model_dir, tmp_path):
+    out = tmp_path / "scan.json"
+    for adapter in (tmp_path / "missing", tmp_path):
+        result = runner.invoke(
+            app, ["scan", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(out)]
+        )
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert "--adapter" in result.output
+    assert not out.exists()
+
+
+def test_adapter_that_changes_nothing_scores_zero_against_its_base(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model(str(tiny_model_dir))
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter, safe_serialization=True)  # LoRA B starts at zero: a no-op
+    settings = scan.ScanSettings(
+        max_candidates=30, probe_pool=4, rescore_top=6, rescore_probes=2, extend_rounds=0,
+        refine_top=2, generate_probes=2, max_new_tokens=2,
+    )
+    data = scan.run_scan(str(tiny_model_dir), adapter, tmp_path / "scan.json", settings)
+    assert data["differential"] is True and data["adapter"] == str(adapter)
+    assert all(abs(c["score"]) < 1e-3 for c in data["candidates"])
+    assert data["best_generation_lift"] == 0.0 and data["verdict"] == "clean"
