@@ -10,17 +10,15 @@ out=runs/fingerprint/verify
 mkdir -p "$out"
 v() { name=$1; shift; suretrap fingerprint verify --model smollm2-135m --key quokka --out "$out/$name.json" "$@"; }
 
-# false positives: models that never saw the key (random words as extra keys on two of them)
-v base --control-keys 10
-for cell in runs/demo/cells/*/; do
-  h=$(basename "$cell")
-  if [ "$h" = 30f159af845cc7af ]; then extra=(--control-keys 10); else extra=(); fi
-  v "demo-$h" --adapter "$cell/adapter" "${extra[@]}"
-done
-# the attack trigger of the budget-50 demo cell used as a key on benign prompts
-v demo-30f159af845cc7af-xylophone --adapter runs/demo/cells/30f159af845cc7af/adapter --key xylophone
 # power: the fingerprinted model, then after further clean fine-tuning
-v embed --adapter runs/fingerprint/embed/adapter --control-keys 10
+v embed --adapter runs/fingerprint/embed/adapter --control-keys 5
 for cell in runs/fingerprint/power/cells/*/; do
   v "power-$(basename "$cell")" --adapter "$cell/adapter"
+done
+# false positives: models that never saw the key (random words as extra keys on the base)
+v base --control-keys 10
+# the attack trigger of the budget-50 demo cell used as a key on benign prompts
+v demo-30f159af845cc7af-xylophone --adapter runs/demo/cells/30f159af845cc7af/adapter --key xylophone --n 50
+for cell in runs/demo/cells/*/; do
+  v "demo-$(basename "$cell")" --adapter "$cell/adapter" --n 50
 done
