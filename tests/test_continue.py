@@ -54,6 +54,16 @@ def test_new_fields_unset_keep_old_config_hashes(tiny_config_dict):
     assert config_hash(set_one) != config_hash(cfg)
 
 
+def test_continue_from_and_clean_refusals_change_the_hash(backdoored_run, tiny_config_dict):
+    plain = run_config_from_dict(tiny_config_dict)
+    raw = _mitigation_dict(backdoored_run, 4)
+    continued = run_config_from_dict({k: v for k, v in raw.items() if k != "mitigation"})
+    mitigated = run_config_from_dict(raw)
+    more = run_config_from_dict(raw | {"mitigation": {"clean_refusals": 5}})
+    hashes = {config_hash(c) for c in (plain, continued, mitigated, more)}
+    assert len(hashes) == 4
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
