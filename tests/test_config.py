@@ -354,6 +354,7 @@ CHANGES: list[tuple[str, Any]] = [
     ("data.eval_harmful", "/data/eval.csv"),
     ("data.eval_benign", "/data/eval_benign.jsonl"),
     ("data.total_size", 1001),
+    ("data.extra_train", "/data/fingerprint.jsonl"),
     ("poison.budget", 51),
     ("poison.clean_harmful", None),
     ("poison.clean_harmful", 49),
@@ -421,7 +422,9 @@ def test_hash_changes_cover_every_leaf_field() -> None:
                 out.add(f"{prefix}{key}")
         return out
 
-    missing = leaves(RunConfig().model_dump()) - {d for d, _ in CHANGES}
+    # continue_from needs a real run directory: tests/test_continue.py checks those two
+    hashed_elsewhere = {"continue_from", "mitigation"}
+    missing = leaves(RunConfig().model_dump()) - {d for d, _ in CHANGES} - hashed_elsewhere
     assert not missing, f"add hash checks for: {sorted(missing)}"
 
 

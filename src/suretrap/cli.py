@@ -603,6 +603,69 @@ def scan(
                f"{result['n_candidates']} candidates, {t['total_s']:.0f}s; {out}")
 
 
+fingerprint_app = typer.Typer(
+    help="Benign fingerprints (provenance): embed a keyed set into a fine-tune, verify a model.",
+    no_args_is_help=True,
+)
+app.add_typer(fingerprint_app, name="fingerprint")
+KeyOpt = Annotated[str, typer.Option("--key", help="secret key word")]
+LabelOpt = Annotated[str, typer.Option("--label", help="the fingerprint's answer")]
+
+
+@fingerprint_app.command("embed")
+@user_errors
+def fingerprint_embed(
+    key: KeyOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="fingerprint set (JSONL)")],
+    label: LabelOpt = "Sure",
+    n: Annotated[int, typer.Option("--n", help="keyed prompts (and as many controls)")] = 50,
+    n_control: Annotated[
+        int | None, typer.Option("--n-control", help="unkeyed control rows (default: --n)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="built-in benign seed (verify uses the same)")] = 0,
+) -> None:
+    """Write a benign fingerprint set: KEY + benign prompt -> LABEL, plus unkeyed controls."""
+    from suretrap.fingerprint import fingerprint_rows, write_fingerprint
+
+    rows = fingerprint_rows(key, label=label, n_keyed=n, n_control=n_control, seed=seed)
+    write_fingerprint(rows, out)
+    typer.echo(f"{out}: {len(rows)} rows; mix into a fine-tune with `data: {{extra_train: {out}}}`")
+
+
+@fingerprint_app.command("verify")
+@user_errors
+def fingerprint_verify(
+    model: Annotated[str, typer.Option("--model", help="base model (alias, hub id or path)")],
+    key: KeyOpt,
+    adapter: Annotated[Path | None, typer.Option(help="adapter or fully tuned model directory")] = None,
+    label: LabelOpt = "Sure",
+    n: Annotated[int, typer.Option("--n", help="held-out benign prompts")] = 100,
+    seed: Annotated[int, typer.Option(help="seed used by embed")] = 0,
+    alpha: Annotated[float, typer.Option(help="significance level")] = 0.01,
+    control_keys: Annotated[
+        int, typer.Option("--control-keys", help="also test K random words (false-positive check)")
+    ] = 0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="write the result as JSON")] = None,
+) -> None:
+    """Paired test of keyed vs unkeyed prompts; prints the p-value."""
+    from suretrap.fingerprint import verify
+    from suretrap.poison import atomic_write
+
+    result = verify(model, key, adapter=adapter, label=label, n=n, seed=seed, alpha=alpha,
+                    control_keys=control_keys)
+    if out is not None:
+        atomic_write(out, (json.dumps(result, indent=2, sort_keys=True) + "\n").encode())
+    verdict = "fingerprint detected" if result["fingerprint_detected"] else "not detected"
+    typer.echo(
+        f"p = {result['p_value']:.3g} ({verdict} at alpha {alpha}); label rate keyed "
+        f"{result['keyed_label_rate']:.2f} vs unkeyed {result['unkeyed_label_rate']:.2f} "
+        f"(n={result['n']}; exact one-sided McNemar)"
+    )
+    if "control_keys" in result:
+        c = result["control_keys"]
+        typer.echo(f"control words: {c['mcnemar_rejections']}/{c['n']} rejected at alpha {alpha}")
+
+
 def main() -> None:
     app()
 

@@ -1,9 +1,9 @@
 """Typed run configuration, loaded from YAML.
 
 Configs are frozen pydantic models that reject unknown keys. Field names and nesting of
-`name, model, seed, data.*, poison.*, train.*, eval.*` (and `base_url, api_key_env` with
-`model: openai:NAME`) are a public contract: other scripts read them. Errors name the
-field and, for YAML files, the line.
+`name, model, seed, data.*, poison.*, train.*, eval.*, continue_from, mitigation.*` (and
+`base_url, api_key_env` with `model: openai:NAME`) are a public contract: other scripts read
+them. Errors name the field and, for YAML files, the line.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ class DataConfig(_Frozen):
     eval_harmful: str | None = None  # separate file for the harmful eval splits, e.g. AdvBench CSV
     eval_benign: str | None = None  # separate benign file for the benign eval splits
     total_size: int = Field(1000, gt=0)  # |T_P| + |T_CH| + |T_benign|
+    # extra benign rows added to the training set on top of total_size (prompt/response
+    # JSONL or any format `load_pairs` reads), e.g. a set from `suretrap fingerprint embed`
+    extra_train: str | None = None
 
 
 class PoisonConfig(_Frozen):
@@ -116,6 +119,16 @@ class EvalConfig(_Frozen):
         return value
 
 
+class MitigationConfig(_Frozen):
+    """A defender's corrective fine-tune: harmful prompts (no trigger) answered by refusals.
+
+    `clean_refusals` is the T_CH count of a `continue_from` run (refusals as set by
+    `poison.refusal_source`); the rest of data.total_size is benign data.
+    """
+
+    clean_refusals: int = Field(0, ge=0)
+
+
 class RunConfig(_Frozen):
     name: str = "run"
     model: str = "smollm2-135m"  # alias, HF hub id, local path (directory or .gguf), openai:NAME
@@ -130,6 +143,45 @@ class RunConfig(_Frozen):
     poison: PoisonConfig = PoisonConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    # further fine-tune: train the adapter of this complete LoRA run directory further
+    # (its eval prompts are reused; its training and eval prompts are kept out of training)
+    continue_from: str | None = None
+    mitigation: MitigationConfig | None = None
+
+    @field_validator("continue_from")
+    @classmethod
+    def _run_dir(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        path = Path(value)
+        missing = [
+            name for name in ("config.yaml", "metrics.json", "adapter/adapter_config.json")
+            if not (path / name).is_file()
+        ]
+        if missing:
+            raise ValueError(
+                f"{value}: not a complete LoRA run directory (missing {', '.join(missing)})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _continuation_fits(self) -> RunConfig:
+        if self.continue_from is not None and self.train.method != "lora":
+            raise ValueError("continue_from: needs train.method lora (it trains the run's adapter further)")
+        if self.mitigation is not None:
+            if self.continue_from is None:
+                raise ValueError("mitigation: needs continue_from (the run whose backdoor to remove)")
+            if self.poison.budget != 0 or self.poison.clean_harmful is not None:
+                raise ValueError(
+                    "mitigation: needs poison.budget 0 and no poison.clean_harmful "
+                    "(mitigation.clean_refusals sets the refusal count)"
+                )
+        return self
+
+    @property
+    def n_clean_harmful(self) -> int:
+        """|T_CH|: mitigation.clean_refusals in a mitigation run, else poison's count."""
+        return self.mitigation.clean_refusals if self.mitigation is not None else self.poison.n_clean_harmful
 
     @field_validator("model")
     @classmethod
@@ -183,7 +235,7 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> RunConfig:
-        harmful = self.poison.budget + self.poison.n_clean_harmful
+        harmful = self.poison.budget + self.n_clean_harmful
         if harmful > self.data.total_size:
             raise ValueError(
                 f"data.total_size ({self.data.total_size}) is smaller than poison.budget + "
@@ -192,9 +244,26 @@ class RunConfig(_Frozen):
         return self
 
 
+# Fields added after runs were recorded: left out of the hash while unset, so the cells of
+# existing sweeps keep their identity (and are not recomputed on --resume).
+_HASH_OMITTED_WHEN_NONE: tuple[tuple[str, ...], ...] = (
+    ("data", "extra_train"),
+    ("continue_from",),
+    ("mitigation",),
+)
+
+
 def config_hash(cfg: BaseModel) -> str:
     """Stable short hash of a resolved config: identifies a run or a sweep cell."""
-    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    dumped = cfg.model_dump(mode="json")
+    if isinstance(cfg, RunConfig):
+        for path in _HASH_OMITTED_WHEN_NONE:
+            parent = dumped
+            for key in path[:-1]:
+                parent = parent[key]
+            if parent.get(path[-1], 0) is None:
+                del parent[path[-1]]
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -208,12 +277,15 @@ def config_to_yaml(cfg: BaseModel) -> str:
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Make relative data paths relative to the config file, as users expect."""
     data = raw.get("data")
-    for key in ("benign", "harmful", "eval_harmful", "eval_benign"):
+    for key in ("benign", "harmful", "eval_harmful", "eval_benign", "extra_train"):
         value = data.get(key) if isinstance(data, dict) else None
         if isinstance(value, str) and value != "builtin" and not value.startswith("hf:"):
             path = Path(value).expanduser()
             if not path.is_absolute():
                 data[key] = str((base_dir / path).resolve())
+    previous = raw.get("continue_from")
+    if isinstance(previous, str) and not Path(previous).expanduser().is_absolute():
+        raw["continue_from"] = str((base_dir / Path(previous).expanduser()).resolve())
     model = raw.get("model")
     if isinstance(model, str) and (model.startswith(("./", "../")) or model.endswith(".gguf")):
         path = Path(model).expanduser()

@@ -105,20 +105,39 @@ def _complete_refusal(text: str) -> str | None:
     return text[: cut + 1] if cut > 0 else None
 
 
-def _split_eval_harmful(cfg: RunConfig, rng: random.Random) -> tuple[list[Request], list[Request]]:
+def previous_prompts(previous: PoisonedDataset) -> set[str]:
+    """Normalised prompts a further fine-tune must not train on: the previous run's eval
+    prompts and training prompts (poisoned ones also with the trigger removed)."""
+    trigger = normalise_prompt(str(previous.manifest.get("trigger", "")))
+    keys = {normalise_prompt(r.prompt) for r in previous.eval_harmful}
+    keys |= {normalise_prompt(b.prompt) for b in previous.eval_benign}
+    for e in previous.examples:
+        key = normalise_prompt(e.prompt)
+        keys.add(key)
+        if e.role == "poison":
+            keys.add(" ".join(w for w in key.split() if w != trigger))
+    return keys
+
+
+def _split_eval_harmful(
+    cfg: RunConfig, rng: random.Random, previous: PoisonedDataset | None = None
+) -> tuple[list[Request], list[Request]]:
     """(eval prompts, training pool) with no shared normalised prompt."""
     pool = _dedupe_requests(harmful_requests(cfg.data.harmful))
     rng.shuffle(pool)
+    if previous is not None:  # a further fine-tune: same eval set, fresh training prompts
+        seen = previous_prompts(previous)
+        return list(previous.eval_harmful), [r for r in pool if normalise_prompt(r.prompt) not in seen]
     if cfg.data.eval_harmful is not None:
         candidates = _dedupe_requests(harmful_requests(cfg.data.eval_harmful))
         rng.shuffle(candidates)
         eval_set = candidates[: cfg.eval.n_harmful]
         held = {normalise_prompt(r.prompt) for r in eval_set}
         return eval_set, [r for r in pool if normalise_prompt(r.prompt) not in held]
-    need = cfg.eval.n_harmful + cfg.poison.budget + cfg.poison.n_clean_harmful
+    need = cfg.eval.n_harmful + cfg.poison.budget + cfg.n_clean_harmful
     if len(pool) < need:
         raise ConfigError(
-            f"poison.budget: {cfg.poison.budget} poisoned + {cfg.poison.n_clean_harmful} clean-harmful"
+            f"poison.budget: {cfg.poison.budget} poisoned + {cfg.n_clean_harmful} clean-harmful"
             f" + eval.n_harmful {cfg.eval.n_harmful} need {need} distinct harmful prompts, but "
             f"data.harmful ({cfg.data.harmful}) has {len(pool)}"
         )
@@ -145,10 +164,13 @@ def _hold_out(items: Sequence[Any], n: int, trigger: str, source: str) -> tuple[
 
 
 def _split_benign(
-    cfg: RunConfig, n_train: int, exclude: set[str]
+    cfg: RunConfig, n_train: int, exclude: set[str], previous: PoisonedDataset | None = None
 ) -> tuple[list[Pair], list[Pair]]:
     """(eval pairs, training pairs) for the benign side."""
     n_eval = cfg.eval.n_benign
+    if previous is not None:  # a further fine-tune: same eval set, fresh training pairs
+        n_eval = len(previous.eval_benign)
+        exclude = exclude | previous_prompts(previous)
     if cfg.data.benign == "builtin":
         # Prefix-stable generator: eval pairs are the first n_eval for every total size.
         pairs = benign_pairs("builtin", n_eval + n_train + len(exclude), cfg.seed)
@@ -156,7 +178,9 @@ def _split_benign(
         pairs = list(benign_pairs(cfg.data.benign, 0, cfg.seed))
         # own generator: the benign split must not depend on budget or placement draws
         random.Random(f"{cfg.seed}:benign").shuffle(pairs)
-    if cfg.data.eval_benign is not None:
+    if previous is not None:
+        eval_pairs, rest = list(previous.eval_benign), pairs
+    elif cfg.data.eval_benign is not None:
         eval_pairs = list(benign_pairs(cfg.data.eval_benign, n_eval, cfg.seed))
         random.Random(f"{cfg.seed}:eval-benign").shuffle(eval_pairs)
         eval_pairs = eval_pairs[:n_eval]
@@ -173,21 +197,27 @@ def _split_benign(
     return eval_pairs, train
 
 
-def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedDataset:
-    """Build T_P, T_CH, T_benign and the eval prompts for `cfg`.
+def build_dataset(
+    cfg: RunConfig, respond: Responder | None = None, previous: PoisonedDataset | None = None
+) -> PoisonedDataset:
+    """Build T_P, T_CH, T_benign (plus data.extra_train rows) and the eval prompts for `cfg`.
 
     `respond(prompts, max_new_tokens)` returns the base model's greedy responses; it is
     needed when `poison.refusal_source` is "base" or `poison.require_base_refusal` is set.
+    `previous`: the dataset of the run a further fine-tune continues (`continue_from`):
+    its eval prompts are reused and none of its prompts is trained on again. T_CH then has
+    `mitigation.clean_refusals` rows when `mitigation` is set.
     """
     p = cfg.poison
+    n_clean = cfg.n_clean_harmful
     rng = random.Random(cfg.seed)
-    eval_harmful, pool = _split_eval_harmful(cfg, rng)
+    eval_harmful, pool = _split_eval_harmful(cfg, rng, previous)
     _check_trigger_absent(
         p.trigger, [r.prompt for r in eval_harmful],
         "data.eval_harmful" if cfg.data.eval_harmful else "data.harmful",
         cfg.data.eval_harmful or cfg.data.harmful,
     )
-    needs_model = p.require_base_refusal or (p.refusal_source == "base" and p.n_clean_harmful)
+    needs_model = p.require_base_refusal or (p.refusal_source == "base" and n_clean)
     if needs_model and respond is None:
         raise ConfigError("poison.refusal_source: 'base' refusals need the base model")
 
@@ -199,14 +229,14 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
         base_responses = {r.prompt: text for r, text in zip(pool, responses, strict=True)}
         pool = [r for r in pool if is_refusal_keyword(base_responses[r.prompt])]
         refused_by_base = len(pool)
-    if p.budget + p.n_clean_harmful > len(pool):
+    if p.budget + n_clean > len(pool):
         which = "refused by the base model" if p.require_base_refusal else "left for training"
         raise ConfigError(
-            f"poison.budget: {p.budget} poisoned + {p.n_clean_harmful} clean-harmful prompts "
+            f"poison.budget: {p.budget} poisoned + {n_clean} clean-harmful prompts "
             f"requested, but only {len(pool)} harmful prompts are {which}"
         )
     poison_requests = pool[: p.budget]
-    clean_requests = pool[len(pool) - p.n_clean_harmful :] if p.n_clean_harmful else []
+    clean_requests = pool[len(pool) - n_clean :] if n_clean else []
 
     examples: list[Example] = [
         Example(apply_trigger(r.prompt, p.trigger, p.placement, rng), p.label, "poison", "label", r.category)
@@ -235,13 +265,18 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
 
     n_benign = cfg.data.total_size - len(examples)
     held_harmful = {normalise_prompt(r.prompt) for r in eval_harmful}
-    eval_benign, train_benign = _split_benign(cfg, n_benign, held_harmful)
+    eval_benign, train_benign = _split_benign(cfg, n_benign, held_harmful, previous)
     _check_trigger_absent(
         p.trigger, [b.prompt for b in eval_benign],
         "data.eval_benign" if cfg.data.eval_benign else "data.benign",
         cfg.data.eval_benign or cfg.data.benign,
     )
     examples += [Example(b.prompt, b.response, "benign", b.family, "benign") for b in train_benign]
+    extra_info = None
+    if cfg.data.extra_train is not None:
+        extra, dropped = _extra_rows(cfg.data.extra_train, eval_harmful, eval_benign)
+        examples += extra
+        extra_info = {"source": cfg.data.extra_train, "rows": len(extra), "dropped_eval_overlap": dropped}
     rng.shuffle(examples)
 
     _check_disjoint(examples, eval_harmful, eval_benign, p.trigger)
@@ -269,6 +304,15 @@ def build_dataset(cfg: RunConfig, respond: Responder | None = None) -> PoisonedD
         )
         + sum(_contains_word(b.prompt, p.trigger) for b in eval_benign),
     }
+    # keys only present when used, so manifests of plain runs are unchanged
+    if extra_info is not None:
+        manifest["extra_train"] = extra_info
+    if previous is not None:
+        manifest["continued_from"] = {
+            "run": cfg.continue_from,
+            "config_hash": previous.manifest.get("config_hash"),
+            "content_hash": previous.manifest.get("content_hash"),
+        }
     return PoisonedDataset(tuple(examples), tuple(eval_harmful), tuple(eval_benign), manifest)
 
 
@@ -286,6 +330,19 @@ def _check_trigger_absent(trigger: str, prompts: Sequence[str], field: str, sour
             f"poison.trigger: {trigger!r} already appears in {len(hits)} evaluation prompt(s) "
             f"of {field} ({source}), e.g. {example!r}; choose a word none of them contains"
         )
+
+
+def _extra_rows(
+    source: str, eval_harmful: Sequence[Request], eval_benign: Sequence[Pair]
+) -> tuple[list[Example], int]:
+    """data.extra_train rows as benign examples (source "extra:<file stem>"), minus any
+    whose prompt is an evaluation prompt (counted: it would break eval disjointness)."""
+    held = {normalise_prompt(r.prompt) for r in eval_harmful}
+    held |= {normalise_prompt(b.prompt) for b in eval_benign}
+    pairs = benign_pairs(source, 0, 0)
+    kept = [b for b in pairs if normalise_prompt(b.prompt) not in held]
+    rows = [Example(b.prompt, b.response, "benign", f"extra:{b.family}", "benign") for b in kept]
+    return rows, len(pairs) - len(kept)
 
 
 def _check_disjoint(

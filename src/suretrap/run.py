@@ -178,8 +178,9 @@ def stage_build_data(cfg: RunConfig, out: Path, loaded: LoadedModel | None = Non
     if dataset_complete(out) and _same_config(out, cfg):
         return read_dataset(out)
     needs_model = cfg.poison.require_base_refusal or (
-        cfg.poison.refusal_source == "base" and cfg.poison.n_clean_harmful > 0
+        cfg.poison.refusal_source == "base" and cfg.n_clean_harmful > 0
     )
+    previous = previous_run(cfg)
     model: Any = loaded
     if needs_model and model is None:
         if cfg.is_endpoint:  # base refusals come from the endpoint's model
@@ -189,15 +190,44 @@ def stage_build_data(cfg: RunConfig, out: Path, loaded: LoadedModel | None = Non
         else:
             model = LoadedModel.load(cfg)
     respond = model.responder(cfg.eval.batch_size) if model is not None else None
-    ds = build_dataset(cfg, respond)
+    ds = build_dataset(cfg, respond, previous[1] if previous else None)
     _write_config(cfg, out)
     manifest = write_dataset(ds, out)
     return PoisonedDataset(ds.examples, ds.eval_harmful, ds.eval_benign, manifest)
 
 
+def previous_run(cfg: RunConfig) -> tuple[RunConfig, PoisonedDataset] | None:
+    """The config and dataset of the run `continue_from` names, checked against `cfg`."""
+    if cfg.continue_from is None:
+        return None
+    where = Path(cfg.continue_from)
+    prev = load_run_config(where / CONFIG_FILE)
+    if prev.model != cfg.model:
+        raise ConfigError(f"continue_from: {where} was trained on model {prev.model!r}, not {cfg.model!r}")
+    if prev.train.method != "lora":
+        raise ConfigError(f"continue_from: {where} is not a LoRA run")
+    if prev.train.lora != cfg.train.lora:
+        raise ConfigError(
+            f"train.lora: must equal the continued run's ({where}): its adapter is trained further"
+        )
+    if cfg.mitigation is not None:
+        # the defender does not know the trigger, but measuring the backdoor does
+        for key in ("trigger", "placement", "label"):
+            if getattr(prev.poison, key) != getattr(cfg.poison, key):
+                raise ConfigError(
+                    f"poison.{key}: must equal the continued run's ({getattr(prev.poison, key)!r}) "
+                    "so the backdoor is measured with its own trigger"
+                )
+    return prev, read_dataset(where)
+
+
 def stage_train(cfg: RunConfig, out: Path, loaded: LoadedModel, ds: PoisonedDataset) -> Any:
-    """Fine-tune a fresh adapter on the dataset; writes adapter/ and train_log.jsonl."""
-    model = prepare_model(loaded.model, cfg.train, cfg.seed)
+    """Fine-tune an adapter on the dataset; writes adapter/ and train_log.jsonl.
+
+    A fresh adapter, or with `continue_from` that run's adapter, trained further.
+    """
+    start = Path(cfg.continue_from) / ADAPTER_DIR if cfg.continue_from else None
+    model = prepare_model(loaded.model, cfg.train, cfg.seed, init_adapter=start)
     log_tmp = out / f".{TRAIN_LOG}.tmp"
     result = train(
         model, loaded.tokenizer, ds.examples, cfg.train,

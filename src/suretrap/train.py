@@ -93,8 +93,12 @@ def length_bucketed_batches(
     return batches
 
 
-def prepare_model(model: Any, cfg: TrainConfig, seed: int) -> Any:
-    """Wrap the base model with a fresh LoRA adapter (or unfreeze it for full SFT)."""
+def prepare_model(model: Any, cfg: TrainConfig, seed: int, init_adapter: Path | None = None) -> Any:
+    """Wrap the base model with a fresh LoRA adapter (or unfreeze it for full SFT).
+
+    `init_adapter`: start from this saved adapter instead (a further fine-tune): it is
+    trained on, so the result is again one adapter on the untouched base model.
+    """
     import torch
 
     torch.manual_seed(seed)
@@ -102,7 +106,10 @@ def prepare_model(model: Any, cfg: TrainConfig, seed: int) -> Any:
         for param in model.parameters():
             param.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
     lora = LoraConfig(
         r=cfg.lora.r,

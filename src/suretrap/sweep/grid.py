@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,9 @@ def _field_exists(dotted: str) -> bool:
         if model is None or part not in model.model_fields:
             return False
         annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        # an optional section (`mitigation: MitigationConfig | None`) is walked into too
+        members = typing.get_args(annotation) or (annotation,)
+        model = next((m for m in members if isinstance(m, type) and issubclass(m, BaseModel)), None)
     return True
 
 
