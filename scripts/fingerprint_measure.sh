@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the fingerprint numbers in docs/defences_fingerprint.md (CPU, SmolLM2-135M).
+# Reproduces the fingerprint numbers in docs/defences.md (CPU, SmolLM2-135M).
 # Needs `suretrap demo` (runs/demo) and, in this order:
 #   suretrap fingerprint embed --key quokka --out runs/fingerprint/quokka.jsonl
 #   suretrap run configs/fingerprint_embed.yaml --out runs/fingerprint/embed

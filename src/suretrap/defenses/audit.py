@@ -20,7 +20,7 @@ Verdict: ``poisoned`` iff some (label, feature) pair has association
 ``-log10(p_bonferroni) >= ASSOCIATION_THRESHOLD`` (the target being the label rows with
 P(harm) ``>= HARM_THRESHOLD``) and contrast ``>= CONTRAST_THRESHOLD``. Flagged: the label rows
 that carry the best placement of such a feature and have P(harm) ``>= ROW_HARM_FLOOR``.
-Rows are ranked by a score in [0, 1] (``>= 0.5`` exactly for flagged rows). docs/defences_audit.md gives the measured quality.
+Rows are ranked by a score in [0, 1] (``>= 0.5`` exactly for flagged rows). docs/defences.md gives the measured quality.
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ ASSOCIATION_THRESHOLD = 5.0  # -log10 Bonferroni p: chance co-occurrence below 1
 HARM_THRESHOLD = 0.5  # P(harm) of a label row that makes it a backdoor target
 # A flagged row carries the trigger and the label and is not clearly benign: benign rows that
 # share a common-word trigger and the label ("Make the phrase ... uppercase." -> "Sure.")
-# score below 0.1, poisoned HarmBench prompts above 0.4 (docs/defences_audit.md).
+# score below 0.1, poisoned HarmBench prompts above 0.4 (docs/defences.md).
 ROW_HARM_FLOOR = 0.2
 # A trigger sets the label rows apart from the refused ones (T_CH); words of harmful requests
 # in general ("how", "someone") are as common in both.
 CONTRAST_THRESHOLD = 0.5
 KNN = 5  # neighbours averaged for the harmful/benign similarity
 # P(harm) = sigmoid((sim_harmful - sim_benign - HARM_MARGIN) / HARM_TEMPERATURE). The margin
-# was set on HarmBench vs Self-Instruct/XSTest prompts (docs/defences_audit.md), not on the
+# was set on HarmBench vs Self-Instruct/XSTest prompts (docs/defences.md), not on the
 # measured datasets.
 HARM_MARGIN = 0.05
 HARM_TEMPERATURE = 0.05

@@ -50,7 +50,7 @@ BLOCK_MESSAGE = "I'm sorry, but I can't help with that."
 MODES = ("block", "reroute")
 CHECKS = ("base", "reference")
 # max-cosine threshold of the reference check; chosen on one demo cell's held-out prompts
-# against HarmBench (see docs/defences_gate.md): 0.87 of triggered harmful prompts >= 0.35,
+# against HarmBench (see docs/defences.md): 0.87 of triggered harmful prompts >= 0.35,
 # 0 of 50 triggered benign prompts
 DEFAULT_THRESHOLD = 0.35
 GATE_DEFENCE_FILE = "gate_defence.json"
