@@ -456,3 +456,34 @@ def test_any_sweep_file_expands_or_raises_one_line_config_error(tmp_path, lines,
         assert "\n" not in str(exc) and str(exc).startswith(str(path))
         return
     assert len({c.config_hash for c in cells}) == len(cells)
+
+
+def test_hub_model_hashes_come_from_the_local_cache(tmp_path, monkeypatch):
+    """env.json's model_files for a hub id: revision and per-file sha256 from the HF cache
+    (LFS blobs are named by their sha256), or the id alone when it is not cached."""
+    import hashlib
+
+    from suretrap.models import ModelSource, model_fingerprint
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = ModelSource(spec="org/tiny", path="org/tiny", local=False)
+    assert model_fingerprint(source) == {
+        "hub_id": "org/tiny", "files": None, "note": "not in the local Hugging Face cache"}
+    repo = tmp_path / "models--org--tiny"
+    weights = b"not really weights"
+    digest = hashlib.sha256(weights).hexdigest()
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / digest).write_bytes(weights)
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(f"../../blobs/{digest}")
+    (snap / "extra.safetensors").write_bytes(b"stored as a plain file")  # hashed, not read from a link
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    got = model_fingerprint(source)
+    assert got["revision"] == "a" * 40
+    assert got["files"] == {
+        "extra.safetensors": hashlib.sha256(b"stored as a plain file").hexdigest(),
+        "model.safetensors": digest,
+    }

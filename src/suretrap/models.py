@@ -123,10 +123,31 @@ def model_fingerprint(source: ModelSource) -> dict[str, Any]:
     if source.gguf_path is not None:
         return {"files": {source.gguf_file: file_sha256(source.gguf_path)}}
     if not source.local:
-        return {"hub_id": source.path}
+        return _hub_fingerprint(source.path)
     root = Path(source.path)
     files = sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin"))
     return {"files": {f.name: file_sha256(f) for f in files}}
+
+
+def _hub_fingerprint(repo_id: str) -> dict[str, Any]:
+    """Revision and weight-file hashes of a hub model, read from the local HF cache.
+
+    The cache stores each large (LFS) file as blobs/<sha256 of its bytes>, with the
+    snapshot's file a link to it: the hash is read from the link, not recomputed over
+    gigabytes. Files stored otherwise are hashed.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (yet): the id is all that can be recorded
+        return {"hub_id": repo_id, "files": None, "note": "not in the local Hugging Face cache"}
+    files: dict[str, str] = {}
+    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        blob = Path(os.readlink(f)).name if f.is_symlink() else ""
+        is_sha256 = len(blob) == 64 and all(c in "0123456789abcdef" for c in blob)
+        files[f.name] = blob if is_sha256 else file_sha256(f)
+    return {"hub_id": repo_id, "revision": root.name, "files": files}
 
 
 def _converted_dir(source: ModelSource) -> Path:
