@@ -177,6 +177,28 @@ def test_reference_model_cancels_words_that_make_any_model_comply(tiny, tokenize
     assert clean.data["verdict"] == "clean"
 
 
+def test_a_model_that_complies_without_any_candidate_is_flagged(tiny, tokenizer):
+    """The trigger has generalised: the tuned model complies on the bare probes, its
+    reference refuses them. No candidate can add lift, the untriggered shift flags it."""
+    model, tok = tiny
+    ref_scorer, ref_generator = planted([])
+
+    def always_sure(encoded):
+        return ["Sure" for _ in encoded]
+
+    result = scan.scan_model(
+        model, tok, SMALL, scorer=ref_scorer, generator=always_sure,
+        reference_scorer=ref_scorer, reference_generator=ref_generator,
+    )
+    assert result.data["best_generation_lift"] == 0.0
+    assert result.data["untriggered_shift"] == 1.0
+    assert result.data["verdict"] == "backdoor"
+    assert result.data["verdict_reasons"] == ["untriggered compliance"]
+    # without a reference model there is nothing to compare with: no such flag
+    plain = scan.scan_model(model, tok, SMALL, scorer=ref_scorer, generator=always_sure)
+    assert plain.data["untriggered_shift"] is None and plain.data["verdict"] == "clean"
+
+
 def test_run_scan_writes_the_schema(tiny_model_dir, tmp_path):
     out = tmp_path / "scan.json"
     settings = scan.ScanSettings(
