@@ -63,3 +63,4 @@ def test_load_model_uses_it_on_cpu(tiny_model_dir) -> None:
     from suretrap.models import load_model
 
     assert load_model(str(tiny_model_dir)).config._attn_implementation == NAME
+

@@ -320,6 +320,26 @@ def use_fast_attention(model: Any, device: str) -> None:
         log.info("%s keeps its own attention implementation", type(model).__name__)
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS between stages.
+
+    glibc keeps memory that tensors of many different sizes have freed: measured on the
+    demo, a process at 3.23 GB RSS in its second cell dropped to 1.74 GB after one
+    `malloc_trim(0)`, so the growth from cell to cell was retained free memory, not a
+    leak. Trimming after each stage keeps it from piling up. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def autocast(device: str, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CPUs with native bf16 (measured 4x fp32 matmul throughput here).
 

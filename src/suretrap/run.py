@@ -41,6 +41,7 @@ from suretrap.models import (
     model_fingerprint,
     pick_device,
     pickle_allowed,
+    release_memory,
     resolve_model,
 )
 from suretrap.poison import (
@@ -398,16 +399,19 @@ def _run_stages(cfg: RunConfig, partial: Path, loaded: LoadedModel | None) -> di
 
     t = time.perf_counter()
     base_metrics = _eval_base(cfg, ds, loaded.model, loaded)
+    release_memory()
     timings["eval_base_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     tuned, result = stage_train(cfg, partial, loaded, ds)
+    release_memory()
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     metrics = stage_evaluate(cfg, partial, ds, loaded.model, tuned, loaded, base_metrics)
     timings["eval_tuned_s"] = time.perf_counter() - t
     _unwrap(loaded, tuned, cfg)
+    release_memory()
 
     timings["total_s"] = time.perf_counter() - started
     _dump(
