@@ -465,7 +465,10 @@ def test_hub_model_hashes_come_from_the_local_cache(tmp_path, monkeypatch):
 
     from suretrap.models import ModelSource, model_fingerprint
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    # the cache location is read once, when huggingface_hub is first imported
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     source = ModelSource(spec="org/tiny", path="org/tiny", local=False)
     assert model_fingerprint(source) == {
