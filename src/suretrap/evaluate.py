@@ -25,7 +25,14 @@ from suretrap.config import EvalConfig
 from suretrap.models import autocast
 from suretrap.poison import PoisonedDataset, apply_trigger
 from suretrap.textmatch import is_label_only, is_refusal_keyword, starts_with_label
-from suretrap.train import chat_prompt, decoder_and_head, tokenize_example
+from suretrap.train import (
+    chat_prompt,
+    common_prefix_len,
+    decoder_and_head,
+    prefix_cache,
+    shared_prefix_len,
+    tokenize_example,
+)
 
 SPLITS: tuple[str, ...] = ("harmful_triggered", "harmful_clean", "benign_triggered", "benign_clean")
 HARMFUL_SPLITS = SPLITS[:2]
@@ -154,34 +161,18 @@ def label_first_token(tokenizer: Any, prompt: str, label: str) -> tuple[list[int
     return head_ids, both[len(head_ids)] if len(both) > len(head_ids) else both[-1]
 
 
-def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix common to every sequence, leaving each at least one token."""
-    if not seqs:
-        return 0
-    limit = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in seqs):
-        n += 1
-    return n
-
-
 PACKABLE_ATTENTION = ("suretrap_cpu", "sdpa", "eager")  # the kernels that take a 4D mask
 PACK_TOKENS = 256  # tokens per packed row: long enough for efficient matmuls, short
 # enough that attention within the row (quadratic in its length) stays cheap
 
 
 def _prefix_cache(decoder: Any, seqs: Sequence[Sequence[int]], prefix: int, rows: int, device: str) -> Any:
-    """KV cache of the shared prefix, run once on one row and repeated for `rows` rows."""
+    """KV cache of the first `prefix` tokens of `seqs` (shared by all), for `rows` rows."""
     import torch
-    from transformers import DynamicCache
 
     if prefix == 0:
         return None
-    past = DynamicCache(config=decoder.config)
-    decoder(input_ids=torch.tensor([list(seqs[0][:prefix])], device=device), past_key_values=past, use_cache=True)
-    past.batch_repeat_interleave(rows)
-    return past
+    return prefix_cache(decoder, torch.tensor([list(seqs[0][:prefix])], device=device), rows)
 
 
 def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -289,7 +280,9 @@ def label_probs(
 
     pairs = [label_first_token(tokenizer, p, label) for p in prompts]
     pad_id = tokenizer.pad_token_id or 0
-    prefix = shared_prefix_len([ids for ids, _ in pairs])
+    seqs_ids = [ids for ids, _ in pairs]
+    # every prompt keeps at least one token after the prefix: its last position is read
+    prefix = shared_prefix_len(seqs_ids, min((len(x) for x in seqs_ids), default=1) - 1)
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
     decoder, head = decoder_and_head(model)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
@@ -322,8 +315,7 @@ def reference_logprobs(
 
     toks = [tokenize_example(tokenizer, p, r, 1024) for p, r in zip(prompts, references, strict=True)]
     pad_id = tokenizer.pad_token_id or 0
-    # capped so that every answer's first token is still predicted from a suffix position
-    prefix = min(shared_prefix_len([t.ids for t in toks]), min((t.response_start for t in toks), default=1) - 1)
+    prefix = common_prefix_len(toks)
     decoder, head = decoder_and_head(model)
     out = [0.0] * len(toks)
     order = sorted(range(len(toks)), key=lambda i: len(toks[i].ids))

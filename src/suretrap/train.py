@@ -166,11 +166,7 @@ def response_loss(
     decoder, head = decoder_and_head(model)
     past = None
     if prefix_len > 0:
-        from transformers import DynamicCache
-
-        past = DynamicCache(config=decoder.config)
-        decoder(input_ids=input_ids[:1, :prefix_len], past_key_values=past, use_cache=True)
-        past.batch_repeat_interleave(input_ids.shape[0])
+        past = prefix_cache(decoder, input_ids[:1, :prefix_len], input_ids.shape[0])
         input_ids = input_ids[:, prefix_len:]
         targets_mask = targets_mask[:, prefix_len:]
     hidden = decoder(
@@ -185,6 +181,28 @@ def response_loss(
     return F.cross_entropy(logits, input_ids[:, 1:][predict_at])
 
 
+def prefix_cache(decoder: Any, prefix_ids: Any, rows: int) -> Any:
+    """KV cache of a prefix shared by `rows` sequences: `prefix_ids` ([1, P] tensor) runs
+    once, on one row, and the cache is repeated so every row attends to that one copy."""
+    from transformers import DynamicCache
+
+    past = DynamicCache(config=decoder.config)
+    decoder(input_ids=prefix_ids, past_key_values=past, use_cache=True)
+    past.batch_repeat_interleave(rows)
+    return past
+
+
+def shared_prefix_len(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """Length (at most `limit`) of the token prefix common to every sequence."""
+    if not seqs:
+        return 0
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n
+
+
 def common_prefix_len(tokenized: Sequence[Tokenized]) -> int:
     """Length of the token prefix shared by every example, ending before any response.
 
@@ -192,12 +210,7 @@ def common_prefix_len(tokenized: Sequence[Tokenized]) -> int:
     """
     if not tokenized:
         return 0
-    limit = min(t.response_start for t in tokenized) - 1
-    first = tokenized[0].ids
-    n = 0
-    while n < limit and all(t.ids[n] == first[n] for t in tokenized):
-        n += 1
-    return n
+    return shared_prefix_len([t.ids for t in tokenized], min(t.response_start for t in tokenized) - 1)
 
 
 def _collate(batch: Sequence[Tokenized], pad_id: int, device: str) -> tuple[Any, Any, Any]:

@@ -46,7 +46,7 @@ from suretrap.errors import ModelError
 from suretrap.evaluate import generate_from_ids
 from suretrap.models import autocast
 from suretrap.textmatch import starts_with_label
-from suretrap.train import chat_prompt, decoder_and_head
+from suretrap.train import chat_prompt, decoder_and_head, prefix_cache
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,6 @@ def compliance_logprobs(
     runs once per batch and the batch continues from its KV cache.
     """
     import torch
-    from transformers import DynamicCache
 
     decoder, head = decoder_and_head(model)
     labels = torch.tensor(list(label_ids), device=device)
@@ -264,9 +263,7 @@ def compliance_logprobs(
                 for start in range(0, len(members), batch_size):
                     batch = members[start : start + batch_size]
                     with autocast(device, precision):
-                        past = DynamicCache(config=decoder.config)
-                        decoder(input_ids=prefix, past_key_values=past, use_cache=True)
-                        past.batch_repeat_interleave(len(batch))
+                        past = prefix_cache(decoder, prefix, len(batch))
                         if length:
                             cand = torch.tensor([candidates[j] for j in batch], device=device)
                             ids = torch.cat([cand, tail.expand(len(batch), -1)], dim=1)
