@@ -27,7 +27,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 import sqlite3
 import urllib.parse
@@ -45,6 +44,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 
 from suretrap.errors import DataError
+from suretrap.poison import atomic_write
 
 __all__ = ["write_report"]
 
@@ -1287,19 +1287,6 @@ def build_report(
     return title, blocks, files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Readers (a browser, a CI artifact upload) never see a half-written file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_report(sweep_dir: Path, *, cell: str | None = None) -> tuple[Path, Path]:
     """Write DIR/report.md (+ DIR/report_files/*.png) and a self-contained DIR/report.html.
 
@@ -1314,11 +1301,11 @@ def write_report(sweep_dir: Path, *, cell: str | None = None) -> tuple[Path, Pat
     out_dir = sweep_dir / FILES_DIR
     out_dir.mkdir(exist_ok=True)
     for name, data in files.items():
-        _atomic_write(out_dir / name, data)
+        atomic_write(out_dir / name, data)
     for stale in out_dir.glob("*.png"):
         if stale.name not in files:
             stale.unlink(missing_ok=True)  # figures from an earlier report that no longer apply
     md_path, html_path = sweep_dir / REPORT_MD, sweep_dir / REPORT_HTML
-    _atomic_write(md_path, render_markdown(title, blocks).encode("utf-8"))
-    _atomic_write(html_path, render_html(title, blocks).encode("utf-8"))
+    atomic_write(md_path, render_markdown(title, blocks).encode("utf-8"))
+    atomic_write(html_path, render_html(title, blocks).encode("utf-8"))
     return md_path, html_path
