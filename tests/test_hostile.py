@@ -463,9 +463,9 @@ def test_hub_model_hashes_come_from_the_local_cache(tmp_path, monkeypatch):
     (LFS blobs are named by their sha256), or the id alone when it is not cached."""
     import hashlib
 
-    from suretrap.models import ModelSource, model_fingerprint
-
     import huggingface_hub.constants
+
+    from suretrap.models import ModelSource, model_fingerprint
 
     # the cache location is read once, when huggingface_hub is first imported
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
