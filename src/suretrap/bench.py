@@ -106,9 +106,8 @@ def measure_ours(
         common_prefix_len,
         length_bucketed_batches,
         prepare_model,
-        response_loss,
         tokenize_example,
-        training_autocast,
+        train_step,
     )
 
     model = prepare_model(loaded.model, cfg, seed)
@@ -118,19 +117,14 @@ def measure_ours(
     prefix = common_prefix_len(tokenized) if cfg.shared_prefix else 0
     batches = length_bucketed_batches([len(t.ids) for t in tokenized], cfg.batch_size, random.Random(seed))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, foreach=True)
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=True)
     tokens = computed = logits = 0
     elapsed = 0.0
     for i, batch in enumerate(batches[: steps + 1]):
         ids, attn, target = _collate([tokenized[j] for j in batch], tok.pad_token_id or 0, loaded.device)
         _sync(loaded.device)
         start = time.perf_counter()
-        with training_autocast(model, loaded.device, cfg.precision):
-            loss = response_loss(model, ids, None, target, prefix)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, params, ids, target, prefix, cfg, loaded.device)
         _sync(loaded.device)
         if i == 0:
             continue  # warm-up

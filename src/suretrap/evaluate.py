@@ -30,6 +30,7 @@ from suretrap.train import (
     common_prefix_len,
     decoder_and_head,
     prefix_cache,
+    right_padded,
     shared_prefix_len,
     tokenize_example,
 )
@@ -141,18 +142,6 @@ def generate_from_ids(
     return out
 
 
-def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[Any, Any]:
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attn[row, : len(seq)] = 1
-    return ids.to(device), attn.to(device)
-
-
 def label_first_token(tokenizer: Any, prompt: str, label: str) -> tuple[list[int], int]:
     """(prompt ids, id of the label's first token as it follows this prompt)."""
     head = chat_prompt(tokenizer, prompt)
@@ -247,7 +236,7 @@ def _padded_hidden(decoder: Any, seqs: Sequence[Sequence[int]], prefix: int, pad
     right-padded row per sequence. With right padding and a causal mask a real token never
     sees a pad, so no attention mask is needed."""
     past = _prefix_cache(decoder, seqs, prefix, len(seqs), device)
-    ids, _ = _right_padded([s[prefix:] for s in seqs], pad_id, device)
+    ids, _ = right_padded([s[prefix:] for s in seqs], pad_id, device)
     hidden = decoder(input_ids=ids, past_key_values=past, use_cache=past is not None).last_hidden_state
     return hidden, [(i, 0) for i in range(len(seqs))]
 

@@ -41,11 +41,11 @@ from typing import Any
 from suretrap import progress
 from suretrap.config import RunConfig, load_run_config
 from suretrap.errors import ConfigError, DataError, ModelError
-from suretrap.evaluate import _batches, _right_padded, generate_from_ids, label_first_token
+from suretrap.evaluate import _batches, generate_from_ids, label_first_token
 from suretrap.models import autocast
 from suretrap.poison import apply_trigger, atomic_write, read_dataset
 from suretrap.textmatch import is_label_only, is_refusal_keyword, starts_with_label
-from suretrap.train import chat_prompt, decoder_and_head, merged_for_eval
+from suretrap.train import chat_prompt, decoder_and_head, merged_for_eval, right_padded
 
 GATE_FILE = "gate.json"
 GATE_GENERATIONS_FILE = "gate_generations.jsonl"
@@ -156,7 +156,7 @@ def logit_lens(
     out: list[list[float]] = [[] for _ in pairs]
     with torch.inference_mode():
         for batch in _batches(order, batch_size):
-            ids, attn = _right_padded([pairs[i][0] for i in batch], pad_id, device)
+            ids, attn = right_padded([pairs[i][0] for i in batch], pad_id, device)
             rows = torch.arange(len(batch), device=ids.device)
             last = attn.sum(1) - 1
             target = torch.tensor([pairs[i][1] for i in batch], device=ids.device)

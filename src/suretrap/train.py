@@ -213,19 +213,48 @@ def common_prefix_len(tokenized: Sequence[Tokenized]) -> int:
     return shared_prefix_len([t.ids for t in tokenized], min(t.response_start for t in tokenized) - 1)
 
 
-def _collate(batch: Sequence[Tokenized], pad_id: int, device: str) -> tuple[Any, Any, Any]:
+def right_padded(seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[Any, Any]:
+    """(ids, attention mask) of `seqs` padded on the right to the longest."""
     import torch
 
-    width = max(len(t.ids) for t in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
-    target = torch.zeros((len(batch), width), dtype=torch.bool)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attn[row, : len(seq)] = 1
+    return ids.to(device), attn.to(device)
+
+
+def _collate(batch: Sequence[Tokenized], pad_id: int, device: str) -> tuple[Any, Any, Any]:
+    """(ids, attention mask, response-token mask) of a right-padded training batch."""
+    import torch
+
+    ids, attn = right_padded([t.ids for t in batch], pad_id, device)
+    target = torch.zeros(ids.shape, dtype=torch.bool)
     for row, t in enumerate(batch):
-        n = len(t.ids)
-        ids[row, :n] = torch.tensor(t.ids)
-        attn[row, :n] = 1
-        target[row, t.response_start : n] = True
-    return ids.to(device), attn.to(device), target.to(device)
+        target[row, t.response_start : len(t.ids)] = True
+    return ids, attn, target.to(device)
+
+
+def train_step(
+    model: Any, optimizer: Any, params: Sequence[Any], ids: Any, target: Any, prefix_len: int,
+    cfg: TrainConfig, device: str,
+) -> tuple[Any, Any]:
+    """One optimiser step on a right-padded batch; returns (loss, gradient norm before clipping).
+
+    No attention mask: padding is on the right, and causal attention never lets a real
+    token see a later pad (pads carry no loss). The scheduler, if any, is the caller's.
+    """
+    import torch
+
+    with training_autocast(model, device, cfg.precision):
+        loss = response_loss(model, ids, None, target, prefix_len)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 def train(
@@ -268,15 +297,8 @@ def train(
             for epoch, batches in enumerate(epochs):
                 for batch_idx in batches:
                     ids, attn, target = _collate([tokenized[i] for i in batch_idx], pad_id, device)
-                    # No attention mask: padding is on the right, and causal attention never
-                    # lets a real token see a later pad (pads carry no loss).
-                    with training_autocast(model, device, cfg.precision):
-                        loss = response_loss(model, ids, None, target, prefix_len)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
+                    loss, grad_norm = train_step(model, optimizer, params, ids, target, prefix_len, cfg, device)
                     scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
                     step += 1
                     loss_value = float(loss.detach())
                     n_tok = int(attn.sum())
