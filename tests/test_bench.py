@@ -16,6 +16,10 @@ def test_bench_reports_every_key_on_a_tiny_model():
     ):
         assert result[key] > 0, key
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    phases = result["phase_peak_rss_mb"]
+    assert {"training: suretrap", "training: transformers.Trainer baseline", "first-token scoring",
+            "generation"} <= set(phases)
+    assert all(0 < mb <= result["peak_rss_mb"] * 1.01 for mb in phases.values())
     assert result["train_speedup"] == result["train_tokens_per_s"] / result["baseline_train_tokens_per_s"]
 
 

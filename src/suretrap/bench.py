@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from suretrap.config import RunConfig, TrainConfig, run_config_from_dict
-from suretrap.models import autocast
+from suretrap.models import autocast, release_memory
 
 # shapes of real architectures, for throughput on random weights (no download needed)
 SHAPES: dict[str, dict[str, Any]] = {
@@ -203,9 +203,60 @@ def measure_hf_trainer(
     return {"baseline_train_tokens_per_s": tokens / elapsed}
 
 
+class PhaseRss:
+    """Peak resident memory per bench phase, sampled every 50 ms by a daemon thread.
+
+    Why: `peak_rss_mb` (getrusage) is one number for the whole process, and the bench
+    process also holds the fp32 `transformers.Trainer` baseline; per-phase peaks say which
+    part the peak belongs to. Reads /proc/self/statm, so Linux only (elsewhere: empty).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.phase = "start"
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._page_mb = resource.getpagesize() / 2**20
+
+    def _run(self) -> None:
+        try:
+            with open("/proc/self/statm") as statm:
+                while not self._stop.is_set():
+                    statm.seek(0)
+                    mb = int(statm.read().split()[1]) * self._page_mb
+                    self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), mb)
+                    self._stop.wait(self._interval)
+        except OSError:
+            return
+
+    def __enter__(self) -> PhaseRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_bench(*, device: str = "cpu", random_init: str | None = None, train_steps: int = 12,
               eval_prompts: int = 32, progress_cb: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything `suretrap bench` reports; returns the JSON-ready dict."""
+    with PhaseRss() as rss:
+        def note(msg: str) -> None:
+            rss.phase = msg
+            if progress_cb is not None:
+                progress_cb(msg)
+
+        result = _measure(device, random_init, train_steps, eval_prompts, note)
+    result["phase_peak_rss_mb"] = {k: round(v, 1) for k, v in rss.peaks.items()}
+    return result
+
+
+def _measure(device: str, random_init: str | None, train_steps: int, eval_prompts: int,
+             note: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from suretrap.evaluate import generate, label_probs
@@ -214,7 +265,6 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     from suretrap.run import LoadedModel
     from suretrap.train import chat_prompt
 
-    note = progress_cb or (lambda _msg: None)
     cfg = bench_config()
     if device == "cuda":
         cfg = run_config_from_dict(cfg.model_dump(mode="json") | {"train": {"device": "cuda"}})
@@ -251,8 +301,10 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     examples = list(build_dataset(cfg, _template_refusals).examples)
     random.Random(0).shuffle(examples)
 
+    release_memory()
     note("training: suretrap")
     result |= measure_ours(loaded, examples, cfg.train, cfg.seed, train_steps)
+    release_memory()
     note("training: transformers.Trainer baseline")
     result |= measure_hf_trainer(tokenizer, examples, cfg.train, cfg.seed, train_steps, device, build)
     result["train_speedup"] = result["train_tokens_per_s"] / result["baseline_train_tokens_per_s"]
@@ -260,6 +312,7 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     result["train_gflops_fraction_of_bf16_peak"] = result["train_gflops"] / peak
 
     prompts = [e.prompt for e in examples[:eval_prompts]]
+    release_memory()
     note("first-token scoring")
 
     def ours() -> float:
@@ -286,6 +339,7 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     result["baseline_label_prob_prompts_per_s"] = statistics.median(naive_runs)
     result["label_prob_speedup"] = result["label_prob_prompts_per_s"] / result["baseline_label_prob_prompts_per_s"]
 
+    release_memory()
     note("generation")
     new_tokens = 32
     start = time.perf_counter()
