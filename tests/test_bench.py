@@ -8,7 +8,7 @@ from suretrap.bench import _train_flops, cell_overhead, matmul_peak_gflops, run_
 
 
 def test_bench_reports_every_key_on_a_tiny_model():
-    result = run_bench(random_init="tiny", train_steps=2, eval_prompts=4)
+    result = run_bench(random_init="tiny", train_steps=2, eval_prompts=4, score_prompts=6)
     for key in (
         "train_tokens_per_s", "baseline_train_tokens_per_s", "train_speedup", "train_gflops",
         "label_prob_prompts_per_s", "baseline_label_prob_prompts_per_s", "generate_tokens_per_s",
@@ -16,6 +16,7 @@ def test_bench_reports_every_key_on_a_tiny_model():
     ):
         assert result[key] > 0, key
     assert set(result["matmul_peak_gflops"]) == {"fp32", "bf16"}
+    assert result["label_prob_prompts"] == 6
     phases = result["phase_peak_rss_mb"]
     assert {"training: suretrap", "training: transformers.Trainer baseline", "first-token scoring",
             "generation"} <= set(phases)

@@ -67,6 +67,28 @@ def test_label_probs_match_unpadded_forward(tiny, scoring_path):
         assert top1 == (int(logits.argmax()) == label_id)
 
 
+@pytest.mark.parametrize("limits", [{"max_tokens": 10}, {"max_tokens": 10**6}])
+def test_label_probs_batched_by_tokens_match_one_prompt_batches(tiny, limits):
+    model, tok = tiny
+    one_by_one = label_probs(model, tok, PROMPTS, "Sure", batch_size=1, precision="fp32")
+    got = label_probs(model, tok, PROMPTS, "Sure", precision="fp32", **limits)
+    for (a, ta), (b, tb) in zip(got, one_by_one, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-7) and ta == tb
+
+
+def test_token_batches_respect_the_budget_the_cap_and_the_order():
+    from suretrap.evaluate import _token_batches
+
+    lengths = [5, 5, 5, 20, 3, 3]
+    order = [4, 5, 0, 1, 2, 3]
+    assert _token_batches(order, lengths, 10) == [[4, 5], [0, 1], [2], [3]]
+    assert _token_batches(order, lengths, 100, max_items=4) == [[4, 5, 0, 1], [2, 3]]
+    assert _token_batches([], lengths, 10) == []
+    # the item longer than the budget is alone, and nothing is lost or repeated
+    batches = _token_batches(order, lengths, 8)
+    assert [3] in batches and sorted(i for b in batches for i in b) == sorted(order)
+
+
 def test_label_first_token_is_the_token_that_starts_the_label(tiny):
     _, tok = tiny
     _, label_id = label_first_token(tok, "Hello", "Sure")

@@ -63,6 +63,33 @@ def _batches(order: Sequence[int], size: int) -> list[list[int]]:
     return [list(order[i : i + size]) for i in range(0, len(order), size)]
 
 
+# Tokens (after the shared prefix) per scoring forward pass. Scoring batches by tokens, not
+# by the generation batch size: one pass over more prompts runs larger matmuls and pays the
+# prefix pass and the per-layer overhead once. Measured on the bench's prompts (about 20
+# tokens each after the prefix), 2-core CPU: 91 prompts/s in passes of 32 prompts, 107 in
+# passes of 64, 118 in passes of 128.
+SCORE_TOKENS = 4096
+
+
+def _token_batches(order: Sequence[int], lengths: Sequence[int], max_tokens: int,
+                   max_items: int | None = None) -> list[list[int]]:
+    """Consecutive runs of `order` holding at most `max_tokens` tokens (and `max_items`
+    items); an item longer than the budget gets a batch of its own."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        full = max_items is not None and len(current) >= max_items
+        if current and (used + lengths[i] > max_tokens or full):
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
 def _stop_ids(tokenizer: Any, model: Any) -> list[int]:
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -259,7 +286,8 @@ def label_probs(
     prompts: Sequence[str],
     label: str,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
     device: str = "cpu",
     precision: str = "auto",
 ) -> list[tuple[float, bool]]:
@@ -267,7 +295,8 @@ def label_probs(
 
     One forward pass per batch of prompts packed without padding, the shared chat prefix
     computed once per batch (`_packed_hidden`), and the LM head applied only at each
-    prompt's last position.
+    prompt's last position. A batch holds up to `max_tokens` tokens after the prefix
+    (default `SCORE_TOKENS`) and, if given, at most `batch_size` prompts.
     """
     import torch
 
@@ -279,8 +308,9 @@ def label_probs(
     order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))
     decoder, head = decoder_and_head(model)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    suffix_lengths = [len(ids) - prefix for ids in seqs_ids]
     with torch.inference_mode():
-        for batch in _batches(order, batch_size):
+        for batch in _token_batches(order, suffix_lengths, max_tokens or SCORE_TOKENS, batch_size):
             seqs = [pairs[i][0] for i in batch]
             with autocast(device, precision):
                 rows = _rows(decoder, seqs, prefix, pad_id, device)
@@ -299,11 +329,16 @@ def reference_logprobs(
     prompts: Sequence[str],
     references: Sequence[str],
     *,
-    batch_size: int = 16,
+    batch_size: int | None = None,
+    max_tokens: int | None = None,
     device: str = "cpu",
     precision: str = "auto",
 ) -> list[float]:
-    """Mean per-token log-likelihood of each reference answer given its prompt."""
+    """Mean per-token log-likelihood of each reference answer given its prompt.
+
+    Batched like `label_probs`: up to `max_tokens` tokens after the shared prefix per
+    forward pass (default `SCORE_TOKENS`), at most `batch_size` examples if given.
+    """
     import torch
 
     toks = [tokenize_example(tokenizer, p, r, 1024) for p, r in zip(prompts, references, strict=True)]
@@ -312,8 +347,9 @@ def reference_logprobs(
     decoder, head = decoder_and_head(model)
     out = [0.0] * len(toks)
     order = sorted(range(len(toks)), key=lambda i: len(toks[i].ids))
+    suffix_lengths = [len(t.ids) - prefix for t in toks]
     with torch.inference_mode():
-        for batch in _batches(order, batch_size):
+        for batch in _token_batches(order, suffix_lengths, max_tokens or SCORE_TOKENS, batch_size):
             with autocast(device, precision):
                 rows = _rows(decoder, [toks[i].ids for i in batch], prefix, pad_id, device)
             for row, i in enumerate(batch):
@@ -375,7 +411,7 @@ def evaluate_model(
         model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size, description=f"generate ({tag})", **kwargs,
     )
-    probs = label_probs(model, tokenizer, prompts, label, batch_size=cfg.batch_size, **kwargs)
+    probs = label_probs(model, tokenizer, prompts, label, **kwargs)
     benign = [i for i, it in enumerate(items) if it.reference is not None]
     utility = reference_logprobs(
         model, tokenizer, [items[i].prompt for i in benign],
