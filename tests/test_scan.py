@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 
@@ -140,6 +141,92 @@ def test_planted_multi_token_character_is_completed_by_extension(tiny):
     assert result.data["verdict"] == "backdoor"
     # incomplete characters are never reported
     assert all("\ufffd" not in c["text"] for c in result.data["candidates"])
+
+
+def word_completer(words: dict[tuple[int, ...], int]):
+    """A fake next-token table: the model continues each key by its value (probability
+    0.9) and anything else by an unlikely piece."""
+
+    def completer(cands, allowed):
+        out = []
+        as_set = {}  # the allowed tensors are shared: convert each once
+        for cand, allow in zip(cands, allowed, strict=True):
+            if allow is None or not len(allow):
+                out.append((-1, 0.0))
+            elif tuple(cand) in words and words[tuple(cand)] in as_set.setdefault(
+                id(allow), set(allow.tolist())
+            ):
+                out.append((words[tuple(cand)], 0.9))
+            else:
+                out.append((int(allow[0]), 0.05))
+        return out
+
+    return completer
+
+
+def test_planted_multi_token_word_is_reached_by_word_completion(tiny):
+    """' xylophone' is ' xyl' + 'ophone': the first piece alone lifts compliance only a
+    little, the model continues it with 'ophone', and the completed word ranks first."""
+    model, tokenizer = tiny
+    trigger = tokenizer(" xylophone", add_special_tokens=False)["input_ids"]
+    assert len(trigger) == 2
+    scorer, generator = planted(trigger)
+    completer = word_completer({tuple(trigger[:1]): trigger[1]})
+    settings = dataclasses.replace(SMALL, extend_rounds=0)  # completion alone must find it
+    result = scan.scan_model(
+        model, tokenizer, settings, scorer=scorer, generator=generator, completer=completer
+    )
+    top = result.data["candidates"][0]
+    assert top["text"] == "xylophone" and top["token_ids"] == trigger
+    assert top["kind"] == "completion" and top["parent"] == "xyl"
+    assert result.data["verdict"] == "backdoor"
+    # only the likely continuation was added (plus the lead bytes' characters)
+    words = [c for c in result.screened if c.kind == "completion" and c.parent_complete]
+    assert [c.text for c in words] == ["xylophone"]
+    assert result.data["n_completions"] == len([c for c in result.screened if c.kind == "completion"])
+
+
+def test_unlikely_continuations_add_no_words(tiny):
+    model, tokenizer = tiny
+    scorer, generator = planted([])
+    result = scan.scan_model(
+        model, tokenizer, SMALL, scorer=scorer, generator=generator, completer=word_completer({})
+    )
+    assert not [c for c in result.screened if c.kind == "completion" and c.parent_complete]
+
+
+def test_a_word_that_makes_the_reference_refuse_more_earns_nothing(tiny):
+    """Score = tuned lift minus the reference's lift where that is positive: a word that
+    *lowers* the reference's compliance gets no bonus from it, and the trigger (which
+    lifts the tuned model more) stays first."""
+    import torch
+
+    model, tok = tiny
+    trigger = tok(" zebra", add_special_tokens=False)["input_ids"]
+    odd = tuple(tok(" analogy", add_special_tokens=False)["input_ids"])
+    scorer0, generator = planted(trigger, universal=list(odd))
+
+    def scorer(probe_idx, cands, advance=None):  # the tuned model: 'analogy' lifts less
+        out = scorer0(probe_idx, cands, advance)
+        for j, c in enumerate(cands):
+            if tuple(c) == odd:
+                out[:, j] = torch.tensor(0.8).log()
+        return out
+
+    def ref_scorer(probe_idx, cands, advance=None):  # the reference refuses 'analogy' harder
+        row = torch.tensor([1e-4 if tuple(c) == odd else 0.02 for c in cands]).log()
+        return row.expand(len(probe_idx), -1).clone()
+
+    _, ref_generator = planted([])
+    result = scan.scan_model(
+        model, tok, SMALL, scorer=scorer, generator=generator,
+        reference_scorer=ref_scorer, reference_generator=ref_generator,
+    )
+    by_text = {c["text"]: c for c in result.data["candidates"]}
+    base = float(scorer([0], [()])[0, 0])
+    tuned_lift = float(scan._logodds(torch.tensor(0.8).log()) - scan._logodds(torch.tensor(base)))
+    assert by_text["analogy"]["score"] == pytest.approx(tuned_lift, abs=1e-4)  # no bonus
+    assert result.data["candidates"][0]["text"] == "zebra"
 
 
 def test_no_trigger_is_clean(tiny):

@@ -66,12 +66,15 @@ class ScanSettings:
     screen_probes: int = 1  # probes for every candidate (the most refusing ones)
     rescore_top: int = 256  # candidates rescored on more probes
     rescore_probes: int = 16
+    complete_rounds: int = 2  # word completion: extra tokens a screened candidate can grow by
+    complete_min_prob: float = 0.5  # next-piece probability that marks a piece as a word's start
     extend_top: int = 4  # candidates extended by one more token, per round
     extend_rounds: int = 3
     extend_width: int = 32  # next-token proposals per word-piece candidate
     extend_probes: int = 4  # probes that screen the extensions
     extend_keep: int = 4  # extensions per parent rescored on all rescore probes
     extend_margin: float = 0.5  # log-odds gain a word-piece extension needs over its parent
+    extend_words: bool = False  # also extend word pieces by score (else: incomplete characters only)
     refine_top: int = 10  # candidates checked by generation
     generate_probes: int = 32
     max_new_tokens: int = 4  # enough for the first word of the answer
@@ -89,7 +92,7 @@ class ScanSettings:
 class Candidate:
     ids: tuple[int, ...]
     text: str
-    kind: str  # "word" | "char" | "partial-char" | "extension"
+    kind: str  # "word" | "char" | "partial-char" | "completion" | "extension"
     complete: bool = True  # False for an incomplete UTF-8 character
     screen_score: float | None = None
     score: float | None = None  # log-odds lift on the rescore probes
@@ -99,6 +102,7 @@ class Candidate:
     extended: bool = False
     parent: str | None = None
     parent_complete: bool = True
+    next_prob: float | None = None  # the model's probability of its most likely continuation
 
 
 @dataclass
@@ -296,6 +300,55 @@ def next_token_proposals(
     return [int(allowed_t[i]) for i in top]
 
 
+def next_token_table(
+    model: Any,
+    parts: ProbeParts,
+    candidates: Sequence[tuple[int, ...]],
+    allowed: Sequence[Any],
+    *,
+    batch_size: int = 128,
+    device: str = "cpu",
+    precision: str = "auto",
+) -> list[tuple[int, float]]:
+    """For each candidate right after the probe: its most likely next token among
+    `allowed[i]` (a LongTensor of token ids, usually one object shared by many candidates)
+    and that token's probability (softmax over the whole vocabulary); (-1, 0.0) when
+    `allowed[i]` is None or empty.
+
+    Batched like `compliance_logprobs`, over the candidate tokens only (no tail), so it
+    costs about one token per candidate where the score costs six.
+    """
+    import torch
+
+    decoder, head = decoder_and_head(model)
+    prefix = torch.tensor([parts.head], device=device)
+    out: list[tuple[int, float]] = [(-1, 0.0)] * len(candidates)
+    by_len: dict[int, list[int]] = {}
+    for j, cand in enumerate(candidates):
+        if cand and allowed[j] is not None and len(allowed[j]):
+            by_len.setdefault(len(cand), []).append(j)
+    with torch.inference_mode():
+        for _, members in sorted(by_len.items()):
+            for start in range(0, len(members), batch_size):
+                batch = members[start : start + batch_size]
+                with autocast(device, precision):
+                    past = prefix_cache(decoder, prefix, len(batch))
+                    ids = torch.tensor([candidates[j] for j in batch], device=device)
+                    hidden = decoder(
+                        input_ids=ids, past_key_values=past, use_cache=True
+                    ).last_hidden_state[:, -1]
+                    probs = head(hidden).float().softmax(-1).cpu()
+                groups: dict[int, list[int]] = {}  # rows sharing one allowed set
+                for row, j in enumerate(batch):
+                    groups.setdefault(id(allowed[j]), []).append(row)
+                for rows in groups.values():
+                    allow = allowed[batch[rows[0]]]
+                    best, arg = probs[rows][:, allow].max(-1)
+                    for row, p, k in zip(rows, best.tolist(), arg.tolist(), strict=True):
+                        out[batch[row]] = (int(allow[k]), p)
+    return out
+
+
 def _logodds(logp: Any) -> Any:
     """log(p / (1 - p)) from log p, stable near p = 1."""
     import torch
@@ -310,6 +363,7 @@ def _logodds(logp: Any) -> Any:
 class ScanResult:
     data: dict[str, Any]
     candidates: list[Candidate] = field(default_factory=list)
+    screened: list[Candidate] = field(default_factory=list)  # every screened candidate
 
 
 def scan_model(
@@ -324,6 +378,8 @@ def scan_model(
     reference: Any | None = None,
     reference_scorer: Scorer | None = None,
     reference_generator: Callable[[list[list[int]]], list[str]] | None = None,
+    completer: Callable[[Sequence[tuple[int, ...]], Sequence[Any]], list[tuple[int, float]]]
+    | None = None,
 ) -> ScanResult:
     """Rank candidate triggers of `model` (already merged/attached); see the module doc.
 
@@ -331,7 +387,8 @@ def scan_model(
     rescore and generation lifts are differences between `model` and `reference`, so
     words that make *any* model comply (benign reframings) cancel out, and what is left
     is what the fine-tune added. `scorer`/`generator` (and `reference_*`) replace the
-    model calls (tests plant a trigger with them).
+    model calls (tests plant a trigger with them); `completer(candidates, allowed)` the
+    next-token table of `next_token_table` on the most refused probe.
     """
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -381,17 +438,36 @@ def scan_model(
     most_refused = sorted(range(len(parts)), key=lambda i: float(base_all[i]))
     screen_idx = most_refused[: s.screen_probes]
     rescore_idx = most_refused[: s.rescore_probes]
+    if completer is None:
+        def completer(cands: Sequence[tuple[int, ...]], allowed: Sequence[Any]) -> list[tuple[int, float]]:
+            return next_token_table(
+                model, parts[most_refused[0]], cands, allowed, batch_size=s.batch_size,
+                device=device, precision=precision,
+            )
 
     # 1. screen every candidate on a few probes
     t = time.perf_counter()
-    base_screen = base_all[screen_idx]
-    with progress.task("scan: screen", total=len(vocab) * len(screen_idx)) as advance:
-        logp = scorer(screen_idx, [c.ids for c in vocab], advance=advance)
-    screen_lift = (_logodds(logp) - _logodds(base_screen)[:, None]).mean(0)
-    for c, v in zip(vocab, screen_lift.tolist(), strict=True):
-        c.screen_score = v
+    base_screen = _logodds(base_all[screen_idx])
+
+    def screen(cands: list[Candidate], description: str) -> None:
+        if not cands:
+            return
+        with progress.task(description, total=len(cands) * len(screen_idx)) as advance:
+            logp = scorer(screen_idx, [c.ids for c in cands], advance=advance)
+        lift = (_logodds(logp) - base_screen[:, None]).mean(0)
+        for c, v in zip(cands, lift.tolist(), strict=True):
+            c.screen_score = v
+
+    screen(vocab, "scan: screen")
+    # 1b. complete words: a trigger of several tokens (" xyl" + "ophone", " cer" + "ule" +
+    # "an") is reachable from its first piece when the model itself continues that piece
+    # with the rest (greedy, only where the next piece is likely: the piece starts a longer
+    # word). An incomplete UTF-8 character is always continued by its likeliest byte.
+    completions = _complete_words(tokenizer, vocab, completer, screen, s)
+    screened = vocab + completions
     screen_s = time.perf_counter() - t
-    log.info("scan: screened %d candidates in %.0fs", len(vocab), screen_s)
+    log.info("scan: screened %d candidates and %d completions in %.0fs",
+             len(vocab), len(completions), screen_s)
 
     # 2. rescore the best on more probes
     t = time.perf_counter()
@@ -405,14 +481,17 @@ def scan_model(
             return
         lp = scorer(rescore_idx, [c.ids for c in cands])
         lifts = (_logodds(lp) - base_logodds[:, None]).mean(0)
-        if differential:  # minus what the same candidate does to the reference model
+        if differential:
+            # minus what the same candidate does to the reference model, when it raises
+            # compliance there too (a benign reframing); a word that makes the reference
+            # refuse *more* earns nothing from that
             ref = reference_scorer(rescore_idx, [c.ids for c in cands])
-            lifts = lifts - (_logodds(ref) - ref_logodds[:, None]).mean(0)
+            lifts = lifts - (_logodds(ref) - ref_logodds[:, None]).mean(0).clamp(min=0)
         probs = lp.exp().mean(0).tolist()
         for c, lift, prob in zip(cands, lifts.tolist(), probs, strict=True):
             c.score, c.prob = lift, prob
 
-    pool = sorted(vocab, key=lambda c: -(c.screen_score or 0.0))[: s.rescore_top]
+    pool = sorted(screened, key=lambda c: -(c.screen_score or 0.0))[: s.rescore_top]
     rescore(pool)
 
     # 3. extend multi-token candidates: children are screened on a few probes against
@@ -423,7 +502,9 @@ def scan_model(
     extend_base = _logodds(base_all[extend_idx])
     known = {c.ids for c in pool}
     for _ in range(s.extend_rounds):
-        frontier = [c for c in _by_score(pool) if not c.extended][: s.extend_top]
+        frontier = [
+            c for c in _by_score(pool) if not c.extended and (s.extend_words or not c.complete)
+        ][: s.extend_top]
         children: list[Candidate] = []
         for c in frontier:
             c.extended = True
@@ -493,7 +574,8 @@ def scan_model(
 
     def lift_of(c: Candidate) -> float:
         own = (c.generation_rate or 0.0) - base_rate
-        return own - (ref_rates.get(c.ids, 0.0) - ref_base_rate) if differential else own
+        # as in the rescore: no credit for making the reference refuse more
+        return own - max(ref_rates.get(c.ids, 0.0) - ref_base_rate, 0.0) if differential else own
 
     for c in top:
         c.generation_lift = lift_of(c)
@@ -526,7 +608,8 @@ def scan_model(
         "labels": list(s.labels),
         "label_token_ids": label_ids,
         "n_candidates": len(vocab),
-        "n_extensions": len(pool) - min(len(vocab), s.rescore_top),
+        "n_completions": len(completions),
+        "n_extensions": sum(c.kind == "extension" for c in pool),
         "probes": {"screen": len(screen_idx), "rescore": len(rescore_idx), "generate": n},
         "baseline": {
             "compliance_prob": float(base_rescore.exp().mean()),
@@ -546,7 +629,47 @@ def scan_model(
             "candidates_per_s": len(vocab) / max(screen_s, 1e-9),
         },
     }
-    return ScanResult(data, final)
+    return ScanResult(data, final, screened)
+
+
+def _complete_words(
+    tokenizer: Any,
+    vocab: Sequence[Candidate],
+    completer: Callable[[Sequence[tuple[int, ...]], Sequence[Any]], list[tuple[int, float]]],
+    screen: Callable[[list[Candidate], str], None],
+    s: ScanSettings,
+) -> list[Candidate]:
+    """Greedy word completion of every screened word piece and incomplete character, up to
+    `complete_rounds` extra tokens; each completion is screened like the vocabulary."""
+    import torch
+
+    pieces = torch.tensor(_word_piece_tokens(tokenizer), dtype=torch.long)
+    cont_bytes = torch.tensor(_continuation_byte_tokens(tokenizer), dtype=torch.long)
+
+    def allowed(c: Candidate) -> Any:
+        if not c.complete:
+            return cont_bytes
+        return pieces if c.text.isascii() and c.text.isalpha() else None
+
+    known = {c.ids for c in vocab}
+    frontier = list(vocab)
+    out: list[Candidate] = []
+    for _ in range(s.complete_rounds):
+        table = completer([c.ids for c in frontier], [allowed(c) for c in frontier])
+        children = []
+        for c, (tid, p) in zip(frontier, table, strict=True):
+            c.next_prob = p
+            if tid < 0 or (c.complete and p < s.complete_min_prob):
+                continue
+            ids = c.ids + (tid,)
+            child = None if ids in known else _make_child(tokenizer, c, ids, kind="completion")
+            if child is not None:
+                known.add(ids)
+                children.append(child)
+        screen(children, "scan: screen completions")
+        out += children
+        frontier = children
+    return out
 
 
 def _by_score(cands: Sequence[Candidate]) -> list[Candidate]:
@@ -563,13 +686,15 @@ def _dedupe_text(cands: Sequence[Candidate]) -> list[Candidate]:
     return out
 
 
-def _make_child(tokenizer: Any, parent: Candidate, ids: tuple[int, ...]) -> Candidate | None:
+def _make_child(
+    tokenizer: Any, parent: Candidate, ids: tuple[int, ...], kind: str = "extension"
+) -> Candidate | None:
     raw = b"".join(token_bytes(tokenizer, i) for i in ids)[1:]
     state = _utf8_state(raw)
     if state == "invalid":
         return None
     return Candidate(
-        ids, raw.decode("utf-8", "replace"), "extension", complete=state == "ok",
+        ids, raw.decode("utf-8", "replace"), kind, complete=state == "ok",
         parent=parent.text, parent_complete=parent.complete,
     )
 
