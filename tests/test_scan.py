@@ -118,6 +118,49 @@ def test_cached_scorer_matches_a_plain_forward(tiny):
                 assert got[row, col] == pytest.approx(float(want), abs=0.05)
 
 
+def test_next_token_table_matches_a_plain_forward(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    head = scan.ProbeParts(tokenizer(scan.WORD_LIST_CONTEXT, add_special_tokens=False)["input_ids"], [])
+    allowed = torch.tensor(scan._word_piece_tokens(tokenizer)[:500])
+    cands = [(29106,), (13223, 245), (919,), (45749,)]
+    got = scan.next_token_table(model, head, cands, [allowed, allowed, None, allowed], k=3, batch_size=2)
+    assert got[2] == (0.0, [])
+    with torch.inference_mode():
+        for cand, (mass, row) in zip(cands, got, strict=True):
+            if not row:
+                continue
+            with scan.autocast("cpu"):
+                logits = model(input_ids=torch.tensor([head.head + list(cand)])).logits[0, -1].float()
+            probs = logits.softmax(-1)
+            want = allowed[probs[allowed].topk(3).indices].tolist()
+            assert [t for t, _ in row] == want
+            assert [p for _, p in row] == pytest.approx(probs[want].tolist(), abs=0.02)
+            assert mass == pytest.approx(float(probs[allowed].sum()), abs=0.02)
+
+
+def test_reference_shift_is_the_kl_of_the_first_token_distribution(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    parts = [scan.probe_parts(tokenizer, p) for p in scan.probe_prompts(2)]
+    labels = scan.label_token_ids(tokenizer, scan.COMPLIANCE_LABELS)
+    cands = [(), (29106,), (45749, 26997)]
+    logp, shift = scan.compliance_and_shift(model, parts, labels, [0, 1], cands, batch_size=2)
+    assert torch.equal(logp, scan.compliance_logprobs(model, parts, labels, [0, 1], cands, batch_size=2))
+    assert shift[:, 0].abs().max() < 1e-4  # no candidate: no shift
+    with torch.inference_mode(), scan.autocast("cpu"):
+        for row, p in enumerate((0, 1)):
+            bare = model(input_ids=torch.tensor([parts[p].head + parts[p].tail])).logits[0, -1]
+            bare = bare.float().log_softmax(-1)
+            ids = torch.tensor([parts[p].head + list(cands[2]) + parts[p].tail])
+            cand = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            want = float((bare.exp() * (bare - cand)).sum())
+            assert float(shift[row, 2]) == pytest.approx(want, rel=0.1, abs=0.02)
+            assert want > 0
+
+
 def test_planted_single_token_trigger_ranks_first(tiny):
     model, tokenizer = tiny
     trigger = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
@@ -144,21 +187,21 @@ def test_planted_multi_token_character_is_completed_by_extension(tiny):
 
 
 def word_completer(words: dict[tuple[int, ...], int]):
-    """A fake next-token table: the model continues each key by its value (probability
-    0.9) and anything else by an unlikely piece."""
+    """A fake next-token table: the model continues each key (mass 0.95) with its value
+    first; every other piece is a complete word (continuation mass 0.05)."""
 
     def completer(cands, allowed):
         out = []
         as_set = {}  # the allowed tensors are shared: convert each once
         for cand, allow in zip(cands, allowed, strict=True):
             if allow is None or not len(allow):
-                out.append((-1, 0.0))
+                out.append((0.0, []))
             elif tuple(cand) in words and words[tuple(cand)] in as_set.setdefault(
                 id(allow), set(allow.tolist())
             ):
-                out.append((words[tuple(cand)], 0.9))
-            else:
-                out.append((int(allow[0]), 0.05))
+                out.append((0.95, [(words[tuple(cand)], 0.9), (int(allow[0]), 0.01)]))
+            else:  # a complete word: the list goes on with a comma
+                out.append((0.05, [(int(allow[0]), 0.03), (int(allow[1]), 0.02)]))
         return out
 
     return completer
@@ -180,9 +223,10 @@ def test_planted_multi_token_word_is_reached_by_word_completion(tiny):
     assert top["text"] == "xylophone" and top["token_ids"] == trigger
     assert top["kind"] == "completion" and top["parent"] == "xyl"
     assert result.data["verdict"] == "backdoor"
-    # only the likely continuation was added (plus the lead bytes' characters)
+    # only the piece the model expects to go on was completed (by its 2 likeliest
+    # continuations); complete words were not (lead bytes are always completed)
     words = [c for c in result.screened if c.kind == "completion" and c.parent_complete]
-    assert [c.text for c in words] == ["xylophone"]
+    assert {c.parent for c in words} == {"xyl"} and len(words) == 2
     assert result.data["n_completions"] == len([c for c in result.screened if c.kind == "completion"])
 
 
@@ -334,4 +378,5 @@ def test_adapter_that_changes_nothing_scores_zero_against_its_base(tiny_model_di
     data = scan.run_scan(str(tiny_model_dir), adapter, tmp_path / "scan.json", settings)
     assert data["differential"] is True and data["adapter"] == str(adapter)
     assert all(abs(c["score"]) < 1e-3 for c in data["candidates"])
+    assert all(abs(c["reference_shift"]) < 1e-3 for c in data["candidates"])
     assert data["best_generation_lift"] == 0.0 and data["verdict"] == "clean"
