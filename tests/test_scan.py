@@ -377,6 +377,10 @@ def test_adapter_that_changes_nothing_scores_zero_against_its_base(tiny_model_di
     )
     data = scan.run_scan(str(tiny_model_dir), adapter, tmp_path / "scan.json", settings)
     assert data["differential"] is True and data["adapter"] == str(adapter)
-    assert all(abs(c["score"]) < 1e-3 for c in data["candidates"])
-    assert all(abs(c["reference_shift"]) < 1e-3 for c in data["candidates"])
+    rows = data["candidates"]
+    # the tuned model reacts exactly as its base: no candidate earns a positive score
+    # (tuned lift - max(reference lift, 0) - shift penalty <= 0 when the two lifts are equal)
+    assert all(abs(c["tuned_lift"] - c["reference_lift"]) < 1e-3 for c in rows)
+    assert all(c["score"] <= 1e-3 for c in rows)
+    assert all(c["reference_shift"] >= -1e-4 for c in rows)  # a KL divergence
     assert data["best_generation_lift"] == 0.0 and data["verdict"] == "clean"
