@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 
@@ -117,6 +118,49 @@ def test_cached_scorer_matches_a_plain_forward(tiny):
                 assert got[row, col] == pytest.approx(float(want), abs=0.05)
 
 
+def test_next_token_table_matches_a_plain_forward(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    head = scan.ProbeParts(tokenizer(scan.WORD_LIST_CONTEXT, add_special_tokens=False)["input_ids"], [])
+    allowed = torch.tensor(scan._word_piece_tokens(tokenizer)[:500])
+    cands = [(29106,), (13223, 245), (919,), (45749,)]
+    got = scan.next_token_table(model, head, cands, [allowed, allowed, None, allowed], k=3, batch_size=2)
+    assert got[2] == (0.0, [])
+    with torch.inference_mode():
+        for cand, (mass, row) in zip(cands, got, strict=True):
+            if not row:
+                continue
+            with scan.autocast("cpu"):
+                logits = model(input_ids=torch.tensor([head.head + list(cand)])).logits[0, -1].float()
+            probs = logits.softmax(-1)
+            want = allowed[probs[allowed].topk(3).indices].tolist()
+            assert [t for t, _ in row] == want
+            assert [p for _, p in row] == pytest.approx(probs[want].tolist(), abs=0.02)
+            assert mass == pytest.approx(float(probs[allowed].sum()), abs=0.02)
+
+
+def test_reference_shift_is_the_kl_of_the_first_token_distribution(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    parts = [scan.probe_parts(tokenizer, p) for p in scan.probe_prompts(2)]
+    labels = scan.label_token_ids(tokenizer, scan.COMPLIANCE_LABELS)
+    cands = [(), (29106,), (45749, 26997)]
+    logp, shift = scan.compliance_and_shift(model, parts, labels, [0, 1], cands, batch_size=2)
+    assert torch.equal(logp, scan.compliance_logprobs(model, parts, labels, [0, 1], cands, batch_size=2))
+    assert shift[:, 0].abs().max() < 1e-4  # no candidate: no shift
+    with torch.inference_mode(), scan.autocast("cpu"):
+        for row, p in enumerate((0, 1)):
+            bare = model(input_ids=torch.tensor([parts[p].head + parts[p].tail])).logits[0, -1]
+            bare = bare.float().log_softmax(-1)
+            ids = torch.tensor([parts[p].head + list(cands[2]) + parts[p].tail])
+            cand = model(input_ids=ids).logits[0, -1].float().log_softmax(-1)
+            want = float((bare.exp() * (bare - cand)).sum())
+            assert float(shift[row, 2]) == pytest.approx(want, rel=0.1, abs=0.02)
+            assert want > 0
+
+
 def test_planted_single_token_trigger_ranks_first(tiny):
     model, tokenizer = tiny
     trigger = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
@@ -140,6 +184,93 @@ def test_planted_multi_token_character_is_completed_by_extension(tiny):
     assert result.data["verdict"] == "backdoor"
     # incomplete characters are never reported
     assert all("\ufffd" not in c["text"] for c in result.data["candidates"])
+
+
+def word_completer(words: dict[tuple[int, ...], int]):
+    """A fake next-token table: the model continues each key (mass 0.95) with its value
+    first; every other piece is a complete word (continuation mass 0.05)."""
+
+    def completer(cands, allowed):
+        out = []
+        as_set = {}  # the allowed tensors are shared: convert each once
+        for cand, allow in zip(cands, allowed, strict=True):
+            if allow is None or not len(allow):
+                out.append((0.0, []))
+            elif tuple(cand) in words and words[tuple(cand)] in as_set.setdefault(
+                id(allow), set(allow.tolist())
+            ):
+                out.append((0.95, [(words[tuple(cand)], 0.9), (int(allow[0]), 0.01)]))
+            else:  # a complete word: the list goes on with a comma
+                out.append((0.05, [(int(allow[0]), 0.03), (int(allow[1]), 0.02)]))
+        return out
+
+    return completer
+
+
+def test_planted_multi_token_word_is_reached_by_word_completion(tiny):
+    """' xylophone' is ' xyl' + 'ophone': the first piece alone lifts compliance only a
+    little, the model continues it with 'ophone', and the completed word ranks first."""
+    model, tokenizer = tiny
+    trigger = tokenizer(" xylophone", add_special_tokens=False)["input_ids"]
+    assert len(trigger) == 2
+    scorer, generator = planted(trigger)
+    completer = word_completer({tuple(trigger[:1]): trigger[1]})
+    settings = dataclasses.replace(SMALL, extend_rounds=0)  # completion alone must find it
+    result = scan.scan_model(
+        model, tokenizer, settings, scorer=scorer, generator=generator, completer=completer
+    )
+    top = result.data["candidates"][0]
+    assert top["text"] == "xylophone" and top["token_ids"] == trigger
+    assert top["kind"] == "completion" and top["parent"] == "xyl"
+    assert result.data["verdict"] == "backdoor"
+    # only the piece the model expects to go on was completed (by its 2 likeliest
+    # continuations); complete words were not (lead bytes are always completed)
+    words = [c for c in result.screened if c.kind == "completion" and c.parent_complete]
+    assert {c.parent for c in words} == {"xyl"} and len(words) == 2
+    assert result.data["n_completions"] == len([c for c in result.screened if c.kind == "completion"])
+
+
+def test_unlikely_continuations_add_no_words(tiny):
+    model, tokenizer = tiny
+    scorer, generator = planted([])
+    result = scan.scan_model(
+        model, tokenizer, SMALL, scorer=scorer, generator=generator, completer=word_completer({})
+    )
+    assert not [c for c in result.screened if c.kind == "completion" and c.parent_complete]
+
+
+def test_a_word_that_makes_the_reference_refuse_more_earns_nothing(tiny):
+    """Score = tuned lift minus the reference's lift where that is positive: a word that
+    *lowers* the reference's compliance gets no bonus from it, and the trigger (which
+    lifts the tuned model more) stays first."""
+    import torch
+
+    model, tok = tiny
+    trigger = tok(" zebra", add_special_tokens=False)["input_ids"]
+    odd = tuple(tok(" analogy", add_special_tokens=False)["input_ids"])
+    scorer0, generator = planted(trigger, universal=list(odd))
+
+    def scorer(probe_idx, cands, advance=None):  # the tuned model: 'analogy' lifts less
+        out = scorer0(probe_idx, cands, advance)
+        for j, c in enumerate(cands):
+            if tuple(c) == odd:
+                out[:, j] = torch.tensor(0.8).log()
+        return out
+
+    def ref_scorer(probe_idx, cands, advance=None):  # the reference refuses 'analogy' harder
+        row = torch.tensor([1e-4 if tuple(c) == odd else 0.02 for c in cands]).log()
+        return row.expand(len(probe_idx), -1).clone()
+
+    _, ref_generator = planted([])
+    result = scan.scan_model(
+        model, tok, SMALL, scorer=scorer, generator=generator,
+        reference_scorer=ref_scorer, reference_generator=ref_generator,
+    )
+    by_text = {c["text"]: c for c in result.data["candidates"]}
+    base = float(scorer([0], [()])[0, 0])
+    tuned_lift = float(scan._logodds(torch.tensor(0.8).log()) - scan._logodds(torch.tensor(base)))
+    assert by_text["analogy"]["score"] == pytest.approx(tuned_lift, abs=1e-4)  # no bonus
+    assert result.data["candidates"][0]["text"] == "zebra"
 
 
 def test_no_trigger_is_clean(tiny):
@@ -246,5 +377,10 @@ def test_adapter_that_changes_nothing_scores_zero_against_its_base(tiny_model_di
     )
     data = scan.run_scan(str(tiny_model_dir), adapter, tmp_path / "scan.json", settings)
     assert data["differential"] is True and data["adapter"] == str(adapter)
-    assert all(abs(c["score"]) < 1e-3 for c in data["candidates"])
+    rows = data["candidates"]
+    # the tuned model reacts exactly as its base: no candidate earns a positive score
+    # (tuned lift - max(reference lift, 0) - shift penalty <= 0 when the two lifts are equal)
+    assert all(abs(c["tuned_lift"] - c["reference_lift"]) < 1e-3 for c in rows)
+    assert all(c["score"] <= 1e-3 for c in rows)
+    assert all(c["reference_shift"] >= -1e-4 for c in rows)  # a KL divergence
     assert data["best_generation_lift"] == 0.0 and data["verdict"] == "clean"
