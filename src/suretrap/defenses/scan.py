@@ -43,7 +43,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,36 +330,54 @@ def _first_token_scores(
         extra = torch.empty_like(out)
     elif keep_full:
         extra = torch.empty((len(probe_idx), len(candidates), head.out_features), dtype=torch.float32)
-    by_len: dict[int, list[int]] = {}
-    for j, cand in enumerate(candidates):
-        by_len.setdefault(len(cand), []).append(j)
     with torch.inference_mode():
         for row, p in enumerate(probe_idx):
-            prefix = torch.tensor([parts[p].head], device=device)
-            tail = torch.tensor(parts[p].tail, device=device)
-            for length, members in sorted(by_len.items()):
-                for start in range(0, len(members), batch_size):
-                    batch = members[start : start + batch_size]
-                    with autocast(device, precision):
-                        past = prefix_cache(decoder, prefix, len(batch))
-                        if length:
-                            cand = torch.tensor([candidates[j] for j in batch], device=device)
-                            ids = torch.cat([cand, tail.expand(len(batch), -1)], dim=1)
-                        else:
-                            ids = tail.expand(len(batch), -1)
-                        hidden = decoder(
-                            input_ids=ids, past_key_values=past, use_cache=True
-                        ).last_hidden_state[:, -1]
-                        logp = head(hidden).float().log_softmax(-1)
-                    out[row, batch] = logp[:, labels].logsumexp(-1).cpu()
-                    if shift_from is not None:
-                        bare = shift_from[row].to(logp.device)
-                        extra[row, batch] = (bare.exp() * (bare - logp)).sum(-1).cpu()
-                    elif keep_full:
-                        extra[row, batch] = logp.cpu()
-                    if advance is not None:
-                        advance(len(batch))
+            batches = _last_hidden(
+                decoder, parts[p], candidates, range(len(candidates)), batch_size=batch_size,
+                device=device, precision=precision,
+            )
+            for batch, hidden in batches:
+                with autocast(device, precision):
+                    logp = head(hidden).float().log_softmax(-1)
+                out[row, batch] = logp[:, labels].logsumexp(-1).cpu()
+                if shift_from is not None:
+                    bare = shift_from[row].to(logp.device)
+                    extra[row, batch] = (bare.exp() * (bare - logp)).sum(-1).cpu()
+                elif keep_full:
+                    extra[row, batch] = logp.cpu()
+                if advance is not None:
+                    advance(len(batch))
     return out, extra
+
+
+def _last_hidden(
+    decoder: Any, parts: ProbeParts, candidates: Sequence[tuple[int, ...]], indices: Iterable[int],
+    *, batch_size: int, device: str, precision: str,
+) -> Iterator[tuple[list[int], Any]]:
+    """(batch of candidate indices, decoder state at the last position of
+    head + candidate + tail) for the candidates at `indices`.
+
+    Candidates are grouped by token length, so no batch needs padding; `parts.head` runs
+    once per batch and the batch continues from its KV cache. The caller holds inference mode.
+    """
+    import torch
+
+    by_len: dict[int, list[int]] = {}
+    for j in indices:
+        by_len.setdefault(len(candidates[j]), []).append(j)
+    prefix = torch.tensor([parts.head], device=device)
+    tail = torch.tensor(parts.tail, dtype=torch.long, device=device)
+    for length, members in sorted(by_len.items()):
+        for start in range(0, len(members), batch_size):
+            batch = members[start : start + batch_size]
+            with autocast(device, precision):
+                past = prefix_cache(decoder, prefix, len(batch))
+                ids = tail.expand(len(batch), -1)
+                if length:
+                    cand = torch.tensor([candidates[j] for j in batch], device=device)
+                    ids = torch.cat([cand, ids], dim=1)
+                hidden = decoder(input_ids=ids, past_key_values=past, use_cache=True).last_hidden_state[:, -1]
+            yield batch, hidden
 
 
 def next_token_proposals(
@@ -401,33 +419,25 @@ def next_token_table(
     import torch
 
     decoder, head = decoder_and_head(model)
-    prefix = torch.tensor([parts.head], device=device)
     out: list[tuple[float, list[tuple[int, float]]]] = [(0.0, []) for _ in candidates]
-    by_len: dict[int, list[int]] = {}
-    for j, cand in enumerate(candidates):
-        if cand and allowed[j] is not None and len(allowed[j]):
-            by_len.setdefault(len(cand), []).append(j)
+    wanted = [j for j, cand in enumerate(candidates) if cand and allowed[j] is not None and len(allowed[j])]
     with torch.inference_mode():
-        for _, members in sorted(by_len.items()):
-            for start in range(0, len(members), batch_size):
-                batch = members[start : start + batch_size]
-                with autocast(device, precision):
-                    past = prefix_cache(decoder, prefix, len(batch))
-                    ids = torch.tensor([candidates[j] for j in batch], device=device)
-                    hidden = decoder(
-                        input_ids=ids, past_key_values=past, use_cache=True
-                    ).last_hidden_state[:, -1]
-                    probs = head(hidden).float().softmax(-1).cpu()
-                groups: dict[int, list[int]] = {}  # rows sharing one allowed set
-                for row, j in enumerate(batch):
-                    groups.setdefault(id(allowed[j]), []).append(row)
-                for rows in groups.values():
-                    allow = allowed[batch[rows[0]]]
-                    sub = probs[rows][:, allow]
-                    best, arg = sub.topk(min(k, len(allow)), dim=-1)
-                    rows_out = zip(rows, sub.sum(-1).tolist(), best.tolist(), arg.tolist(), strict=True)
-                    for row, mass, ps, args in rows_out:
-                        out[batch[row]] = (mass, [(int(allow[a]), p) for a, p in zip(args, ps, strict=True)])
+        batches = _last_hidden(
+            decoder, parts, candidates, wanted, batch_size=batch_size, device=device, precision=precision
+        )
+        for batch, hidden in batches:
+            with autocast(device, precision):
+                probs = head(hidden).float().softmax(-1).cpu()
+            groups: dict[int, list[int]] = {}  # rows sharing one allowed set
+            for row, j in enumerate(batch):
+                groups.setdefault(id(allowed[j]), []).append(row)
+            for rows in groups.values():
+                allow = allowed[batch[rows[0]]]
+                sub = probs[rows][:, allow]
+                best, arg = sub.topk(min(k, len(allow)), dim=-1)
+                rows_out = zip(rows, sub.sum(-1).tolist(), best.tolist(), arg.tolist(), strict=True)
+                for row, mass, ps, args in rows_out:
+                    out[batch[row]] = (mass, [(int(allow[a]), p) for a, p in zip(args, ps, strict=True)])
     return out
 
 
@@ -560,7 +570,9 @@ def scan_model(
     # (letter pieces have at least `complete_min_prob` of the next-token mass) gets its
     # `complete_top` likeliest continuations. An incomplete UTF-8 character is always
     # continued by its likeliest bytes.
-    completions = _complete_words(tokenizer, vocab, completer, screen, s)
+    word_pieces = _word_piece_tokens(tokenizer)
+    cont_bytes = _continuation_byte_tokens(tokenizer)
+    completions = _complete_words(tokenizer, vocab, word_pieces, cont_bytes, completer, screen, s)
     screened = vocab + completions
     screen_s = time.perf_counter() - t
     log.info("scan: screened %d candidates and %d completions in %.0fs",
@@ -587,9 +599,8 @@ def scan_model(
             else:
                 ref, shift = reference_scorer(rescore_idx, [c.ids for c in cands]), None
             ref_lift = (_logodds(ref) - ref_logodds[:, None]).mean(0)
-            for c, v in zip(cands, ref_lift.tolist(), strict=True):
-                c.tuned_lift, c.reference_lift = None, v
-            tuned = lifts
+            for c, tuned, v in zip(cands, lifts.tolist(), ref_lift.tolist(), strict=True):
+                c.tuned_lift, c.reference_lift = tuned, v
             lifts = lifts - ref_lift.clamp(min=0)
             if shift is not None:
                 # a word that changes what the base model answers is a reframing, not a
@@ -598,8 +609,6 @@ def scan_model(
                 lifts = lifts - s.shift_weight * shift
                 for c, v in zip(cands, shift.tolist(), strict=True):
                     c.reference_shift = v
-            for c, v in zip(cands, tuned.tolist(), strict=True):
-                c.tuned_lift = v
         probs = lp.exp().mean(0).tolist()
         for c, lift, prob in zip(cands, lifts.tolist(), probs, strict=True):
             c.score, c.prob = lift, prob
@@ -609,8 +618,6 @@ def scan_model(
 
     # 3. extend multi-token candidates: children are screened on a few probes against
     # their parent there, and only the best few per parent are rescored in full.
-    cont_bytes = _continuation_byte_tokens(tokenizer)
-    word_pieces = _word_piece_tokens(tokenizer)
     extend_idx = most_refused[: s.extend_probes]
     extend_base = _logodds(base_all[extend_idx])
     known = {c.ids for c in pool}
@@ -699,7 +706,7 @@ def scan_model(
         -((c.generation_lift or 0.0) >= s.threshold), -(c.score or 0.0), -(c.generation_lift or 0.0)
     ))
     final += [c for c in _dedupe_text(ranked) if c not in top]
-    best_lift = max((lift_of(c) for c in top), default=0.0)
+    best_lift = max((c.generation_lift or 0.0 for c in top), default=0.0)
     # A backdoor that no longer needs its trigger: the tuned model already opens with a
     # compliance label on probes its reference (base) model refuses. Added after the
     # measurement in docs/defences.md, where a budget-50 model complied on 27 of 32 probes
@@ -753,6 +760,8 @@ def scan_model(
 def _complete_words(
     tokenizer: Any,
     vocab: Sequence[Candidate],
+    word_pieces: Sequence[int],
+    cont_bytes: Sequence[int],
     completer: Callable[[Sequence[tuple[int, ...]], Sequence[Any]], list[tuple[float, list[tuple[int, float]]]]],
     screen: Callable[[list[Candidate], str], None],
     s: ScanSettings,
@@ -762,12 +771,12 @@ def _complete_words(
     is screened like the vocabulary."""
     import torch
 
-    pieces = torch.tensor(_word_piece_tokens(tokenizer), dtype=torch.long)
-    cont_bytes = torch.tensor(_continuation_byte_tokens(tokenizer), dtype=torch.long)
+    pieces = torch.tensor(list(word_pieces), dtype=torch.long)
+    bytes_t = torch.tensor(list(cont_bytes), dtype=torch.long)
 
     def allowed(c: Candidate) -> Any:
         if not c.complete:
-            return cont_bytes
+            return bytes_t
         return pieces if c.text.isascii() and c.text.isalpha() else None
 
     known = {c.ids for c in vocab}
