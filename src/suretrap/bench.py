@@ -254,7 +254,8 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
               progress_cb: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything `suretrap bench` reports; returns the JSON-ready dict."""
     with PhaseRss() as rss:
-        def note(msg: str) -> None:
+        def note(msg: str) -> None:  # a new phase: trim the heap the last one left
+            release_memory()
             rss.enter(msg)
             if progress_cb is not None:
                 progress_cb(msg)
@@ -310,10 +311,8 @@ def _measure(device: str, random_init: str | None, train_steps: int, eval_prompt
     examples = list(build_dataset(cfg, _template_refusals).examples)
     random.Random(0).shuffle(examples)
 
-    release_memory()
     note("training: suretrap")
     result |= measure_ours(loaded, examples, cfg.train, cfg.seed, train_steps)
-    release_memory()
     note("training: transformers.Trainer baseline")
     result |= measure_hf_trainer(tokenizer, examples, cfg.train, cfg.seed, train_steps, device, build)
     result["train_speedup"] = result["train_tokens_per_s"] / result["baseline_train_tokens_per_s"]
@@ -321,7 +320,6 @@ def _measure(device: str, random_init: str | None, train_steps: int, eval_prompt
     result["train_gflops_fraction_of_bf16_peak"] = result["train_gflops"] / peak
 
     prompts = [e.prompt for e in examples[:eval_prompts]]
-    release_memory()
     note("first-token scoring")
     # An evaluation scores all its prompts in one call (300 per demo cell), so scoring is
     # measured on more prompts than generation; both sides score the same ones.
@@ -352,7 +350,6 @@ def _measure(device: str, random_init: str | None, train_steps: int, eval_prompt
     result["label_prob_speedup"] = result["label_prob_prompts_per_s"] / result["baseline_label_prob_prompts_per_s"]
     result["label_prob_prompts"] = len(scored)
 
-    release_memory()
     note("generation")
     new_tokens = 32
     start = time.perf_counter()
