@@ -39,6 +39,24 @@ def test_batched_generation_equals_single_prompt_greedy(tiny):
         assert got == want
 
 
+def test_generation_feeds_the_frozen_head_a_contiguous_input(tiny):
+    """A frozen LM head fed generate's sliced (non-contiguous) last position makes
+    torch.matmul copy the head once per prompt (1.8 GB per batch on SmolLM2): the
+    generation path must hand it a contiguous input, and remove its hook afterwards."""
+    model, tok = tiny
+    head = model.get_output_embeddings()
+    seen: list[bool] = []
+    probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    try:
+        head.weight.requires_grad_(False)
+        generate(model, tok, PROMPTS, max_new_tokens=3, batch_size=4, precision="fp32")
+    finally:
+        head.weight.requires_grad_(True)
+        probe.remove()
+    assert seen and all(seen)
+    assert list(head._forward_pre_hooks) == []  # the generation hook is gone
+
+
 @pytest.fixture(params=["packed", "packed-rows", "packed-eager", "padded"])
 def scoring_path(request, monkeypatch, tiny):
     """Every scoring path: packed with a boolean 4D mask (suretrap's CPU attention), packed

@@ -16,7 +16,7 @@ clean/triggered pair uses the same prompts, with and without the trigger). Per s
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,30 +143,51 @@ def generate_from_ids(
 
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     stop = _stop_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    out: list[str] = [""] * len(encoded)
-    with progress.task(description, total=len(encoded)) as advance, torch.inference_mode():
-        for batch in _batches(order, batch_size):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(list(seq))
-                attn[row, width - len(seq) :] = 1
-            with autocast(device, precision):
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=attn.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=stop,
-                    pad_token_id=pad_id,
-                )
-            for row, i in enumerate(batch):
-                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
-            advance(len(batch))
+    unhook = _contiguous_head_input(model)
+    try:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+        out: list[str] = [""] * len(encoded)
+        with progress.task(description, total=len(encoded)) as advance, torch.inference_mode():
+            for batch in _batches(order, batch_size):
+                width = max(len(encoded[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attn = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    seq = encoded[i]
+                    ids[row, width - len(seq) :] = torch.tensor(list(seq))
+                    attn[row, width - len(seq) :] = 1
+                with autocast(device, precision):
+                    gen = model.generate(
+                        input_ids=ids.to(device),
+                        attention_mask=attn.to(device),
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        eos_token_id=stop,
+                        pad_token_id=pad_id,
+                    )
+                for row, i in enumerate(batch):
+                    out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True)
+                advance(len(batch))
+    finally:
+        unhook()
     return out
+
+
+def _contiguous_head_input(model: Any) -> Callable[[], None]:
+    """Make the LM head's input contiguous during generation; returns the undo.
+
+    At the prefill, generate slices the last position ([batch, 1, hidden], batch stride =
+    the prompt width), and for a 3-D input that is not contiguous `torch.matmul` folds the
+    batch into one matmul only when the weight requires grad. A frozen head (every LoRA
+    base, every evaluated model) is instead expanded to [batch, hidden, vocab] and copied:
+    1.8 GB for 32 prompts on SmolLM2, at every prefill (measured: a generation pass
+    peaked at 2.9 GB instead of 1.0 GB). Copying the [batch, 1, hidden] slice is cheap.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return lambda: None
+    handle = head.register_forward_pre_hook(lambda _mod, args: (args[0].contiguous(), *args[1:]))
+    return handle.remove
 
 
 def label_first_token(tokenizer: Any, prompt: str, label: str) -> tuple[list[int], int]:
