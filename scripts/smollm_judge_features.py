@@ -54,7 +54,7 @@ from suretrap.models import load_model, load_tokenizer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 FILES = ("xstest_completions_gpt4_labeled.csv", "xstest_completions_llama2new_labeled.csv")
-CACHE = Path(os.environ.get("JUDGE3_CACHE", "/work/main/runs/judge3/feats"))
+CACHE = Path(os.environ.get("JUDGE3_CACHE", ROOT / "runs" / "judge3" / "feats"))
 MODEL = "smollm2-135m"
 COMPLETION_TOKENS = 128
 LAYERS = (4, 8, 12, 16, 20, 24, 27, 30)
