@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
@@ -57,6 +58,10 @@ class _Endpoint(BaseHTTPRequestHandler):
     fail_load: tuple[int, str] | None = None  # answer load_lora_adapter with this error
     broken_models: set[str] = set()  # chat requests naming these models get HTTP 500
     echo_model = True  # reply "model" = the requested one, as vLLM does
+    delay_s = 0.0  # chat replies wait this long (to see how many requests overlap)
+    in_flight = 0
+    peak_in_flight = 0
+    lock = threading.Lock()
 
     def _send(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()
@@ -115,6 +120,9 @@ class _Endpoint(BaseHTTPRequestHandler):
         if self.path != "/v1/chat/completions":
             self._send(404, {"error": {"message": "no such route"}})
             return
+        if _Endpoint.mode == "hang-up":  # close the connection without a reply
+            self.close_connection = True
+            return
         if _Endpoint.mode == "broken":
             self._send(500, {"error": {"message": "the model server fell over"}})
             return
@@ -125,6 +133,13 @@ class _Endpoint(BaseHTTPRequestHandler):
         if _Endpoint.mode == "reject-logprobs" and "logprobs" in body:
             self._send(400, {"error": {"message": "logprobs are not supported for this model"}})
             return
+        if _Endpoint.delay_s:
+            with _Endpoint.lock:
+                _Endpoint.in_flight += 1
+                _Endpoint.peak_in_flight = max(_Endpoint.peak_in_flight, _Endpoint.in_flight)
+            time.sleep(_Endpoint.delay_s)
+            with _Endpoint.lock:
+                _Endpoint.in_flight -= 1
         triggered = TRIGGER in body["messages"][-1]["content"]
         served = "fake-ft-served"
         if _Endpoint.base_name is not None:
@@ -155,6 +170,10 @@ class _Endpoint(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog (5) resets bursts of concurrent requests
+
+
 @pytest.fixture()
 def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Base URL (".../v1") of a fake OpenAI-compatible server, in "logprobs" mode."""
@@ -167,8 +186,10 @@ def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     _Endpoint.fail_load = None
     _Endpoint.broken_models = set()
     _Endpoint.echo_model = True
+    _Endpoint.delay_s = 0.0
+    _Endpoint.in_flight = _Endpoint.peak_in_flight = 0
     monkeypatch.setenv(KEY_ENV, "sk-fake")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    server = _Server(("127.0.0.1", 0), _Endpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -300,6 +321,18 @@ def test_rate_limited_request_is_retried(endpoint: str) -> None:
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def test_connection_closed_without_reply_is_one_line(endpoint: str) -> None:
+    from suretrap.errors import SuretrapError
+
+    _Endpoint.mode = "hang-up"
+    model = EndpointModel(run_config_from_dict(_config(endpoint)))
+    with pytest.raises(SuretrapError) as exc:
+        model.ask("hello", 4, logprobs=False)
+    assert str(exc.value) == (
+        f"model openai:fake-ft: {endpoint}/chat/completions: connection lost (RemoteDisconnected)"
+    )
 
 
 def _one_line_exit_2(args: list[str], env_drop: str | None = None) -> str:
@@ -632,6 +665,21 @@ def test_vllm_backend_served_base_option_and_api_key(
     assert result.exit_code == 0, result.output
     assert "/v1/models" not in [route for route, _ in _Endpoint.lora_calls]  # not asked
     assert {r["auth"] for r in _Endpoint.requests} == {"Bearer vllm-key"}
+
+
+def test_vllm_backend_sends_up_to_batch_size_requests_at_once(tmp_path: Path, vllm_server: str) -> None:
+    # an `openai:` endpoint gets at most 8 at once (vendor rate limits); vLLM batches
+    # whatever arrives, so eval.batch_size requests are in flight
+    config, out = _vllm_run(
+        tmp_path, eval={"n_harmful": 6, "n_benign": 4, "max_new_tokens": 6, "batch_size": 16, "judge": "keyword"}
+    )
+    _Endpoint.delay_s = 0.2
+    result = runner.invoke(app, [
+        "evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server,
+        "--served-base", BASE_SERVED,
+    ])
+    assert result.exit_code == 0, result.output
+    assert 8 < _Endpoint.peak_in_flight <= 16
 
 
 def test_vllm_backend_unloads_the_adapter_when_evaluation_fails(

@@ -13,6 +13,7 @@ sends it; every other failure is reported at once.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -101,6 +102,8 @@ def send(
             raise SuretrapError(f"{where}: cannot connect ({exc.reason})") from None
         except TimeoutError:
             raise SuretrapError(f"{where}: no answer within {timeout:g}s") from None
+        except (ConnectionError, http.client.HTTPException) as exc:  # reset, closed mid-reply
+            raise SuretrapError(f"{where}: connection lost ({type(exc).__name__})") from None
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 

@@ -180,6 +180,7 @@ class EndpointModel:
         self.client = ChatClient(base_url, api_key_env=key_env, timeout=REQUEST_TIMEOUT_S, who=who)
         self.responses: dict[tuple[str, int], str] = {}  # base refusals, reused
         self.served_model: str | None = None  # the "model" the server says answered
+        self.max_in_flight = MAX_IN_FLIGHT  # concurrent requests at most (a vendor's rate limits)
 
     @classmethod
     def load(cls, cfg: RunConfig) -> EndpointModel:
@@ -221,7 +222,7 @@ class EndpointModel:
         if not prompts:
             return []
         with progress.task(description, total=len(prompts)) as advance, ThreadPoolExecutor(
-            max(1, min(workers, MAX_IN_FLIGHT))
+            max(1, min(workers, self.max_in_flight))
         ) as pool:
             futures = [pool.submit(self.ask, p, max_new_tokens, logprobs) for p in prompts]
             out = []

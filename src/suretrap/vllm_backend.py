@@ -61,6 +61,7 @@ BACKEND = "vllm"
 # sent as a bearer token when set (`vllm serve --api-key`); a server without keys needs none
 API_KEY_ENV = "VLLM_API_KEY"
 ADAPTER_PREFIX = "suretrap-"
+MAX_IN_FLIGHT = 256  # a bound on this client's threads; the server batches and queues the rest
 
 
 class VLLMServer:
@@ -146,10 +147,16 @@ class VLLMServer:
                 log.warning("%s", exc)
 
     def model(self, name: str) -> EndpointModel:
-        """The chat endpoint asked with ``"model": name``."""
-        return EndpointModel.served(
+        """The chat endpoint asked with ``"model": name``.
+
+        Up to eval.batch_size requests in flight (at most MAX_IN_FLIGHT): vLLM batches
+        concurrent requests itself, and there is no vendor rate limit to respect.
+        """
+        model = EndpointModel.served(
             self.base_url, name, api_key_env=self.api_key_env, who=f"vllm backend, model {name}"
         )
+        model.max_in_flight = MAX_IN_FLIGHT
+        return model
 
 
 def adapter_name(run_dir: Path) -> str:
