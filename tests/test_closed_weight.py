@@ -61,6 +61,7 @@ class _Endpoint(BaseHTTPRequestHandler):
     delay_s = 0.0  # chat replies wait this long (to see how many requests overlap)
     in_flight = 0
     peak_in_flight = 0
+    peak_loras = 0  # adapters loaded at the same time, at most
     lock = threading.Lock()
 
     def _send(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
@@ -102,6 +103,7 @@ class _Endpoint(BaseHTTPRequestHandler):
                 self._send(400, {"object": "error", "message": f"The lora adapter '{name}' has already been loaded.", "code": 400})
             else:
                 _Endpoint.loras[name] = body["lora_path"]
+                _Endpoint.peak_loras = max(_Endpoint.peak_loras, len(_Endpoint.loras))
                 self._send_text(200, f"Success: LoRA adapter '{name}' added successfully.")
         elif name not in _Endpoint.loras:
             self._send(404, {"object": "error", "message": f"The lora adapter '{name}' cannot be found.", "code": 404})
@@ -187,7 +189,7 @@ def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     _Endpoint.broken_models = set()
     _Endpoint.echo_model = True
     _Endpoint.delay_s = 0.0
-    _Endpoint.in_flight = _Endpoint.peak_in_flight = 0
+    _Endpoint.in_flight = _Endpoint.peak_in_flight = _Endpoint.peak_loras = 0
     monkeypatch.setenv(KEY_ENV, "sk-fake")
     server = _Server(("127.0.0.1", 0), _Endpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -851,3 +853,43 @@ def test_evaluate_sweep_checks_every_cell_before_any_request(tmp_path: Path, vll
     line = _one_line_exit_2(["evaluate-sweep", str(sweep), "--base-url", vllm_server])
     assert "cells of 2 models (other-model, smollm2-135m)" in line
     assert _Endpoint.lora_calls == [] and _Endpoint.requests == []
+
+
+def test_evaluate_sweep_parallel_cells_share_the_server(tmp_path: Path, vllm_server: str) -> None:
+    from suretrap.vllm_backend import adapter_name
+
+    sweep, hashes = _vllm_sweep(tmp_path)
+    _Endpoint.delay_s = 0.1
+    result = runner.invoke(app, ["evaluate-sweep", str(sweep), "--base-url", vllm_server, "--parallel", "2"])
+    assert result.exit_code == 0, result.output
+    assert _Endpoint.peak_loras == 2  # both adapters loaded at once
+    assert 4 < _Endpoint.peak_in_flight <= 8  # eval.batch_size 4 per cell, two cells
+    names = [adapter_name(sweep / "cells" / h) for h in hashes]
+    assert _chat_models() == {BASE_SERVED: 20, names[0]: 20, names[1]: 20}  # base still once
+    assert _Endpoint.loras == {}
+    for h in hashes:
+        metrics = json.loads((sweep / "cells" / h / "metrics.json").read_text())
+        assert metrics["tuned"]["harmful_triggered"]["sure_rate"] == 1.0
+
+
+def test_evaluate_sweep_parallel_failure_keeps_store_and_files_in_step(
+    tmp_path: Path, vllm_server: str
+) -> None:
+    from suretrap.sweep.store import table
+    from suretrap.vllm_backend import adapter_name
+
+    sweep, hashes = _vllm_sweep(tmp_path)
+    broken = adapter_name(sweep / "cells" / hashes[0])
+    _Endpoint.broken_models = {broken}
+    _Endpoint.delay_s = 0.05
+    line = _one_line_exit_2(["evaluate-sweep", str(sweep), "--base-url", vllm_server, "--parallel", "2"])
+    assert f"model {broken}:" in line and "HTTP 500" in line
+    assert _Endpoint.loras == {}  # both unloaded, the failed one too
+    rows = {r["config_hash"]: r for r in table(sweep)}
+    assert not (sweep / "cells" / hashes[0] / "metrics.json").exists()
+    assert rows[hashes[0]].get("tuned.harmful_triggered.sure_rate") is None  # store unchanged
+    # the other cell ran alongside and finished: its file and its store row agree
+    assert json.loads((sweep / "cells" / hashes[1] / "metrics.json").read_text())["backend"]["name"] == "vllm"
+    assert rows[hashes[1]]["tuned.harmful_triggered.sure_rate"] == 1.0
+    result = runner.invoke(app, ["evaluate-sweep", str(sweep), "--base-url", vllm_server, "--parallel", "0"])
+    assert result.exit_code == 2 and "--parallel: must be at least 1" in result.output

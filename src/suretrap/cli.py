@@ -239,6 +239,9 @@ def evaluate_sweep(
     cell: Annotated[
         list[str] | None, typer.Option(help="config hash (prefix) of a cell to evaluate (repeatable; default: all)")
     ] = None,
+    parallel: Annotated[
+        int, typer.Option(help="cells evaluated at once, each with its adapter loaded (start vLLM with --max-loras N or more)")
+    ] = 1,
 ) -> None:
     """Re-evaluate a sweep's complete LoRA cells on one vLLM server (base model asked once).
 
@@ -250,7 +253,9 @@ def evaluate_sweep(
     if backend != "vllm":
         _fail(f"--backend: evaluate-sweep supports vllm only, not {backend!r} "
               "(a local sweep evaluates each cell as it runs)")
-    result = evaluate_sweep_vllm(sweep_dir, base_url=base_url, served_base=served_base, only=cell)
+    result = evaluate_sweep_vllm(
+        sweep_dir, base_url=base_url, served_base=served_base, only=cell, parallel=parallel
+    )
     typer.echo(f"evaluated {len(result['cells'])} cells on {base_url} (base model "
                f"{result['base_model']} asked for {result['base_evaluations']} eval set(s))")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -191,12 +192,15 @@ class VLLMBackend:
     The base model's evaluation (metrics, generation rows, unavailable metrics, the model
     that answered) is cached by `suretrap.run.base_eval_key`, as `LoadedModel` caches a
     local base evaluation: a sweep's cells that share an eval set ask the base model once.
+    Safe to share between threads (``evaluate-sweep --parallel``): the base evaluation and
+    the judge (a local model whose tokenizer is not thread-safe) run one at a time.
     """
 
     server: VLLMServer
     served_base: str | None = None  # None: asked of the server when first needed
     base_evals: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     judges: dict[str, Any] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     @classmethod
     def connect(
@@ -208,24 +212,28 @@ class VLLMBackend:
         from suretrap.run import judge_options, make_judge
 
         key = json.dumps([cfg.eval.judge, judge_options(cfg)], sort_keys=True)
-        if key not in self.judges:
-            self.judges[key] = make_judge(cfg)
-        return self.judges[key]
+        with self.lock:
+            if key not in self.judges:
+                self.judges[key] = make_judge(cfg)
+            return self.judges[key]
 
     def evaluate_base(self, cfg: RunConfig, ds: PoisonedDataset) -> tuple[Any, ...]:
         from suretrap.run import base_eval_key
 
         key = base_eval_key(cfg, ds)
-        if key not in self.base_evals:
-            judge = self.judge(cfg)
-            if self.served_base is None:
-                self.served_base = self.server.served_base()
-            base = self.server.model(self.served_base)
-            items = eval_items(ds, cfg.poison.trigger, cfg.poison.placement, cfg.seed)
-            metrics, rows, unavailable = evaluate_endpoint(base, items, cfg.poison.label, cfg.eval, tag="base")
-            apply_judge(metrics, rows, judge)
-            self.base_evals[key] = (metrics, rows, unavailable, base.served_model)
-        return self.base_evals[key]
+        with self.lock:  # other cells wait for the one base evaluation rather than repeat it
+            if key not in self.base_evals:
+                judge = self.judge(cfg)
+                if self.served_base is None:
+                    self.served_base = self.server.served_base()
+                base = self.server.model(self.served_base)
+                items = eval_items(ds, cfg.poison.trigger, cfg.poison.placement, cfg.seed)
+                metrics, rows, unavailable = evaluate_endpoint(
+                    base, items, cfg.poison.label, cfg.eval, tag="base"
+                )
+                apply_judge(metrics, rows, judge)
+                self.base_evals[key] = (metrics, rows, unavailable, base.served_model)
+            return self.base_evals[key]
 
     def evaluate_run(
         self, cfg: RunConfig, out: Path, ds: PoisonedDataset, adapter: Path | None = None
@@ -261,7 +269,8 @@ class VLLMBackend:
                 f"vllm backend: {self.server.base_url}: asked for adapter {name}, the reply "
                 f"came from model {tuned.served_model!r} (is the server vLLM with --enable-lora?)"
             )
-        judges = apply_judge(tuned_m, tuned_rows, judge)
+        with self.lock:
+            judges = apply_judge(tuned_m, tuned_rows, judge)
         metrics = {
             "base": base_m,
             "tuned": tuned_m,

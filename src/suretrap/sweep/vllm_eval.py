@@ -11,6 +11,7 @@ server serves one base model).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,19 @@ def evaluate_sweep_vllm(
     base_url: str,
     served_base: str | None = None,
     only: Iterable[str] | None = None,
+    parallel: int = 1,
     api_key_env: str = API_KEY_ENV,
 ) -> dict[str, Any]:
     """Evaluate every complete cell (or those whose hash starts with one of `only`).
 
-    Returns {"cells": [config_hash, ...], "base_evaluations": n, "base_model": name}.
-    Stops at the first failure (a one-line `SuretrapError`); cells finished before it keep
-    their new metrics, each written atomically.
+    `parallel` cells at a time, each with its own adapter loaded (the server batches their
+    requests together when started with ``--max-loras`` at least `parallel`). Returns
+    {"cells": [config_hash, ...], "base_evaluations": n, "base_model": name}. Stops at the
+    first failure (a one-line `SuretrapError`); cells finished before it keep their new
+    metrics, each written atomically.
     """
+    if parallel < 1:
+        raise ConfigError(f"--parallel: must be at least 1, not {parallel}")
     from suretrap.sweep import write_summary
 
     with open_existing(sweep_dir) as store:
@@ -52,21 +58,42 @@ def evaluate_sweep_vllm(
         run_dir = sweep_dir / row["run_dir"]
         cfg = load_run_config(run_dir / "config.yaml")
         lora_adapter_dir(run_dir)  # a full fine-tune or a missing adapter: fail before any request
-        cells.append((row["config_hash"], run_dir, cfg))
-    models = sorted({cfg.model for _, _, cfg in cells})
+        cells.append((row["config_hash"], run_dir, cfg, read_dataset(run_dir)))
+    models = sorted({cfg.model for _, _, cfg, _ in cells})
     if len(models) > 1:
         raise ConfigError(
             f"{sweep_dir}: cells of {len(models)} models ({', '.join(models)}); one vLLM server "
             "serves one base model: evaluate each model's cells with --cell"
         )
     backend = VLLMBackend.connect(base_url, served_base, api_key_env=api_key_env)
-    done = []
-    with progress.task("evaluate-sweep (vllm)", total=len(cells)) as advance:
-        for config_hash, run_dir, cfg in cells:
-            metrics = backend.evaluate_run(cfg, run_dir, read_dataset(run_dir))
+    done: list[str] = []
+    first_error: BaseException | None = None
+    with progress.task("evaluate-sweep (vllm)", total=len(cells)) as advance, ThreadPoolExecutor(
+        max(1, parallel)
+    ) as pool:
+        futures = {
+            pool.submit(backend.evaluate_run, cfg, run_dir, ds): config_hash
+            for config_hash, run_dir, cfg, ds in cells
+        }
+        # the store is written here, in one thread, as each cell finishes; after a failure
+        # the cells not started are cancelled and those running are still recorded, so the
+        # store never disagrees with a metrics.json that was written
+        for future in as_completed(futures):
+            try:
+                metrics = future.result()
+            except CancelledError:
+                continue
+            except BaseException as exc:
+                if first_error is None:
+                    first_error = exc
+                    for other in futures:
+                        other.cancel()
+                continue
             with open_existing(sweep_dir) as store:
-                store.replace_metrics(config_hash, metrics)
-            done.append(config_hash)
+                store.replace_metrics(futures[future], metrics)
+            done.append(futures[future])
             advance(1)
+    if first_error is not None:
+        raise first_error
     write_summary(sweep_dir)
     return {"cells": done, "base_evaluations": len(backend.base_evals), "base_model": backend.served_base}
