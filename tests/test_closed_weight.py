@@ -783,6 +783,17 @@ def test_vllm_backend_rejects_full_finetunes_and_bad_options(tmp_path: Path, vll
         assert result.exit_code == 2 and expected in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
     assert not (out / "metrics.json").exists()
+    # an `openai:` model is evaluated as served, not through adapters
+    cfg = _config(vllm_server, poison={"budget": 8, "clean_harmful": 8, "refusal_source": "template"})
+    endpoint_config = _write(tmp_path, cfg, "endpoint.yaml")
+    endpoint_out = tmp_path / "endpoint_out"
+    assert runner.invoke(app, ["build-data", str(endpoint_config), "--out", str(endpoint_out)]).exit_code == 0
+    result = runner.invoke(app, [
+        "evaluate", str(endpoint_config), "--out", str(endpoint_out), "--backend", "vllm",
+        "--base-url", vllm_server,
+    ])
+    assert result.exit_code == 2 and "evaluates saved LoRA runs of a local model" in result.output
+    assert _Endpoint.lora_calls == [] and _Endpoint.requests == []
 
 
 def _vllm_sweep(tmp_path: Path) -> tuple[Path, list[str]]:

@@ -36,7 +36,7 @@ OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory")]
 
 EVAL_BACKEND_HELP = (
     "local (load the model here) | vllm (ask a vLLM server that loads OUT/adapter at run "
-    "time; needs --base-url; the server must see the same filesystem: see docs/performance.md)"
+    "time; needs --base-url; the server must see the same filesystem: see docs/vllm.md)"
 )
 BASE_URL_HELP = "with --backend vllm: the server's API root, e.g. http://localhost:8000/v1"
 SERVED_BASE_HELP = (
