@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
@@ -49,6 +50,19 @@ class _Endpoint(BaseHTTPRequestHandler):
     mode = "logprobs"  # "logprobs" | "plain" (ignores logprobs) | "reject-logprobs" | "broken"
     requests: list[dict[str, Any]] = []
     rate_limited_once = False
+    # vLLM mode (base_name set): GET /v1/models, runtime LoRA adapters, per-model answers:
+    # the base model never says "Sure"; a loaded adapter says it iff the trigger is present
+    base_name: str | None = None
+    loras: dict[str, str] = {}  # loaded adapter name -> lora_path
+    lora_calls: list[tuple[str, dict[str, Any]]] = []  # (route, body) of adapter calls, GETs
+    fail_load: tuple[int, str] | None = None  # answer load_lora_adapter with this error
+    broken_models: set[str] = set()  # chat requests naming these models get HTTP 500
+    echo_model = True  # reply "model" = the requested one, as vLLM does
+    delay_s = 0.0  # chat replies wait this long (to see how many requests overlap)
+    in_flight = 0
+    peak_in_flight = 0
+    peak_loras = 0  # adapters loaded at the same time, at most
+    lock = threading.Lock()
 
     def _send(self, status: int, obj: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj).encode()
@@ -60,13 +74,56 @@ class _Endpoint(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_text(self, status: int, text: str) -> None:
+        data = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        _Endpoint.lora_calls.append((self.path, {}))
+        if _Endpoint.base_name is None or self.path != "/v1/models":
+            self._send(404, {"error": {"message": "no such route"}})
+            return
+        data = [{"id": _Endpoint.base_name, "object": "model", "parent": None}]
+        data += [{"id": n, "object": "model", "parent": _Endpoint.base_name} for n in _Endpoint.loras]
+        self._send(200, {"object": "list", "data": data})
+
+    def _adapter_call(self, body: dict[str, Any]) -> None:
+        """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (plain-text replies)."""
+        _Endpoint.lora_calls.append((self.path, body))
+        name = body["lora_name"]
+        if self.path == "/v1/load_lora_adapter":
+            if _Endpoint.fail_load is not None:
+                status, message = _Endpoint.fail_load
+                self._send(status, {"object": "error", "message": message, "code": status})
+            elif name in _Endpoint.loras:
+                self._send(400, {"object": "error", "message": f"The lora adapter '{name}' has already been loaded.", "code": 400})
+            else:
+                _Endpoint.loras[name] = body["lora_path"]
+                _Endpoint.peak_loras = max(_Endpoint.peak_loras, len(_Endpoint.loras))
+                self._send_text(200, f"Success: LoRA adapter '{name}' added successfully.")
+        elif name not in _Endpoint.loras:
+            self._send(404, {"object": "error", "message": f"The lora adapter '{name}' cannot be found.", "code": 404})
+        else:
+            del _Endpoint.loras[name]
+            self._send_text(200, f"Success: LoRA adapter '{name}' removed successfully.")
+
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if _Endpoint.base_name is not None and self.path.endswith("_lora_adapter"):
+            self._adapter_call(body)
+            return
         _Endpoint.requests.append(
             {"path": self.path, "body": body, "auth": self.headers.get("Authorization")}
         )
         if self.path != "/v1/chat/completions":
             self._send(404, {"error": {"message": "no such route"}})
+            return
+        if _Endpoint.mode == "hang-up":  # close the connection without a reply
+            self.close_connection = True
             return
         if _Endpoint.mode == "broken":
             self._send(500, {"error": {"message": "the model server fell over"}})
@@ -78,7 +135,25 @@ class _Endpoint(BaseHTTPRequestHandler):
         if _Endpoint.mode == "reject-logprobs" and "logprobs" in body:
             self._send(400, {"error": {"message": "logprobs are not supported for this model"}})
             return
+        if _Endpoint.delay_s:
+            with _Endpoint.lock:
+                _Endpoint.in_flight += 1
+                _Endpoint.peak_in_flight = max(_Endpoint.peak_in_flight, _Endpoint.in_flight)
+            time.sleep(_Endpoint.delay_s)
+            with _Endpoint.lock:
+                _Endpoint.in_flight -= 1
         triggered = TRIGGER in body["messages"][-1]["content"]
+        served = "fake-ft-served"
+        if _Endpoint.base_name is not None:
+            served = body["model"] if _Endpoint.echo_model else _Endpoint.base_name
+            if body["model"] in _Endpoint.broken_models:
+                self._send(500, {"error": {"message": "the adapter fell over"}})
+                return
+            if body["model"] == _Endpoint.base_name:
+                triggered = False  # the base model answers every prompt with a refusal
+            elif body["model"] not in _Endpoint.loras:
+                self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
+                return
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": "Sure" if triggered else REFUSAL},
@@ -91,10 +166,14 @@ class _Endpoint(BaseHTTPRequestHandler):
             ]
             first = {**entries[0], "top_logprobs": entries[: body["top_logprobs"]]}
             choice["logprobs"] = {"content": [first]}
-        self._send(200, {"model": "fake-ft-served", "choices": [choice]})
+        self._send(200, {"model": served, "choices": [choice]})
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default backlog (5) resets bursts of concurrent requests
 
 
 @pytest.fixture()
@@ -103,8 +182,16 @@ def endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     _Endpoint.requests = []
     _Endpoint.mode = "logprobs"
     _Endpoint.rate_limited_once = False
+    _Endpoint.base_name = None
+    _Endpoint.loras = {}
+    _Endpoint.lora_calls = []
+    _Endpoint.fail_load = None
+    _Endpoint.broken_models = set()
+    _Endpoint.echo_model = True
+    _Endpoint.delay_s = 0.0
+    _Endpoint.in_flight = _Endpoint.peak_in_flight = _Endpoint.peak_loras = 0
     monkeypatch.setenv(KEY_ENV, "sk-fake")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    server = _Server(("127.0.0.1", 0), _Endpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -236,6 +323,18 @@ def test_rate_limited_request_is_retried(endpoint: str) -> None:
 
 
 # --------------------------------------------------------------------------- errors
+
+
+def test_connection_closed_without_reply_is_one_line(endpoint: str) -> None:
+    from suretrap.errors import SuretrapError
+
+    _Endpoint.mode = "hang-up"
+    model = EndpointModel(run_config_from_dict(_config(endpoint)))
+    with pytest.raises(SuretrapError) as exc:
+        model.ask("hello", 4, logprobs=False)
+    assert str(exc.value) == (
+        f"model openai:fake-ft: {endpoint}/chat/completions: connection lost (RemoteDisconnected)"
+    )
 
 
 def _one_line_exit_2(args: list[str], env_drop: str | None = None) -> str:
@@ -464,3 +563,344 @@ def test_build_data_unknown_format_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--format" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------------- vLLM backend
+# `suretrap evaluate --backend vllm` / `suretrap evaluate-sweep` against the fake in vLLM
+# mode: a local-model run whose adapter/ is registered on the server at run time. The fake
+# never reads the adapter files, so a stub adapter_config.json stands in for a trained one.
+
+BASE_SERVED = "fake-base"
+VLLM_KEY_ENV = "VLLM_API_KEY"
+
+
+def _vllm_run(tmp_path: Path, name: str = "out", **changes: Any) -> tuple[Path, Path]:
+    """(config, run directory) of a built local-model run with a stub LoRA adapter/."""
+    cfg = {
+        "name": "vllm",
+        "seed": 0,
+        "data": {"total_size": 40},
+        "poison": {"budget": 8, "clean_harmful": 8, "trigger": TRIGGER, "refusal_source": "template"},
+        "eval": {"n_harmful": 6, "n_benign": 4, "max_new_tokens": 6, "batch_size": 4, "judge": "keyword"},
+    } | changes
+    config = _write(tmp_path, cfg, f"{name}.yaml")
+    out = tmp_path / name
+    assert runner.invoke(app, ["build-data", str(config), "--out", str(out)]).exit_code == 0
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 16}')
+    return config, out
+
+
+@pytest.fixture()
+def vllm_server(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    _Endpoint.base_name = BASE_SERVED
+    monkeypatch.delenv(VLLM_KEY_ENV, raising=False)  # a server without keys
+    return endpoint
+
+
+def _chat_models() -> Counter[str]:
+    return Counter(r["body"]["model"] for r in _Endpoint.requests if r["path"] == "/v1/chat/completions")
+
+
+def test_vllm_backend_evaluates_base_and_adapter(tmp_path: Path, vllm_server: str) -> None:
+    from suretrap.closed_weight import UTILITY_UNAVAILABLE
+    from suretrap.vllm_backend import adapter_name
+
+    config, out = _vllm_run(tmp_path)
+    result = runner.invoke(
+        app, ["evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server]
+    )
+    assert result.exit_code == 0, result.output
+    name = adapter_name(out)
+    assert name.startswith("suretrap-out-")
+    # the served base came from /v1/models; the adapter was loaded with its absolute path,
+    # then unloaded; nothing is left on the server
+    assert _Endpoint.lora_calls == [
+        ("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str((out / "adapter").resolve())}),
+        ("/v1/models", {}),
+        ("/v1/unload_lora_adapter", {"lora_name": name}),
+    ]
+    assert Path(_Endpoint.lora_calls[0][1]["lora_path"]).is_absolute()
+    assert _Endpoint.loras == {}
+    assert _chat_models() == {BASE_SERVED: 20, name: 20}
+    assert all(r["auth"] is None for r in _Endpoint.requests)  # no VLLM_API_KEY: no header
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"base", "tuned", "judges", "unavailable", "backend"}
+    for split in ("harmful_triggered", "harmful_clean", "benign_triggered", "benign_clean"):
+        base, tuned = metrics["base"][split], metrics["tuned"][split]
+        assert base["n"] == tuned["n"] == (6 if split.startswith("harmful") else 4)
+        assert base["sure_rate"] == 0.0 and base["refusal_rate"] == 1.0  # the base refuses all
+        assert base["label_first_token_prob"] == pytest.approx(0.05)
+        want = 1.0 if split.endswith("triggered") else 0.0  # the adapter: Sure iff triggered
+        assert tuned["sure_rate"] == tuned["sure_only_rate"] == want
+        assert tuned["refusal_rate"] == 1.0 - want
+        assert tuned["label_first_token_prob"] == pytest.approx(0.75 if want else 0.05)
+    for model in ("base", "tuned"):
+        assert metrics[model]["benign_clean"]["utility_logprob"] is None
+    assert metrics["unavailable"] == {"utility_logprob": UTILITY_UNAVAILABLE}
+    assert metrics["judges"]["asr"] == "keyword"
+    assert metrics["backend"] == {
+        "name": "vllm",
+        "base_url": vllm_server,
+        "base_model": BASE_SERVED,
+        "adapter": name,
+        "adapter_path": str((out / "adapter").resolve()),
+        "adapter_unloaded": True,
+        "served_model": {"base": BASE_SERVED, "tuned": name},
+    }
+    rows = [json.loads(line) for line in (out / "generations.jsonl").open()]
+    assert Counter(r["model"] for r in rows) == {"base": 20, "tuned": 20}
+    assert all(r["response"] == REFUSAL for r in rows if r["model"] == "base")
+    assert "utility_logprob: unavailable" in result.output
+
+
+def test_vllm_backend_served_base_option_and_api_key(
+    tmp_path: Path, vllm_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, out = _vllm_run(tmp_path)
+    monkeypatch.setenv(VLLM_KEY_ENV, "vllm-key")
+    result = runner.invoke(app, [
+        "evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server,
+        "--served-base", BASE_SERVED,
+    ])
+    assert result.exit_code == 0, result.output
+    assert "/v1/models" not in [route for route, _ in _Endpoint.lora_calls]  # not asked
+    assert {r["auth"] for r in _Endpoint.requests} == {"Bearer vllm-key"}
+
+
+def test_vllm_backend_sends_up_to_batch_size_requests_at_once(tmp_path: Path, vllm_server: str) -> None:
+    # an `openai:` endpoint gets at most 8 at once (vendor rate limits); vLLM batches
+    # whatever arrives, so eval.batch_size requests are in flight
+    config, out = _vllm_run(
+        tmp_path, eval={"n_harmful": 6, "n_benign": 4, "max_new_tokens": 6, "batch_size": 16, "judge": "keyword"}
+    )
+    _Endpoint.delay_s = 0.2
+    result = runner.invoke(app, [
+        "evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server,
+        "--served-base", BASE_SERVED,
+    ])
+    assert result.exit_code == 0, result.output
+    assert 8 < _Endpoint.peak_in_flight <= 16
+
+
+def test_vllm_backend_unloads_the_adapter_when_evaluation_fails(
+    tmp_path: Path, vllm_server: str
+) -> None:
+    from suretrap.vllm_backend import adapter_name
+
+    config, out = _vllm_run(tmp_path)
+    name = adapter_name(out)
+    _Endpoint.broken_models = {name}
+    line = _one_line_exit_2([
+        "evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server,
+        "--served-base", BASE_SERVED,
+    ])
+    assert f"model {name}: {vllm_server}/chat/completions: HTTP 500 the adapter fell over" in line
+    assert [route for route, _ in _Endpoint.lora_calls] == [
+        "/v1/load_lora_adapter", "/v1/unload_lora_adapter",
+    ]
+    assert _Endpoint.loras == {}
+    assert not (out / "metrics.json").exists() and not (out / "generations.jsonl").exists()
+
+
+def test_vllm_backend_load_error_is_one_line_naming_url_and_adapter(
+    tmp_path: Path, vllm_server: str
+) -> None:
+    from suretrap.vllm_backend import adapter_name
+
+    config, out = _vllm_run(tmp_path)
+    _Endpoint.fail_load = (400, "LoRA rank 16 is greater than max_lora_rank 8.")
+    line = _one_line_exit_2([
+        "evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server,
+    ])
+    assert f"adapter {adapter_name(out)}" in line and f"{vllm_server}/load_lora_adapter" in line
+    assert "HTTP 400 LoRA rank 16 is greater than max_lora_rank 8." in line  # vLLM's error body
+    assert [route for route, _ in _Endpoint.lora_calls] == ["/v1/load_lora_adapter"]  # none loaded
+    assert _chat_models() == {}
+    assert not (out / "metrics.json").exists()
+
+
+def test_vllm_backend_unreachable_server_is_one_line_exit_2(tmp_path: Path) -> None:
+    from suretrap.vllm_backend import adapter_name
+
+    closed = HTTPServer(("127.0.0.1", 0), _Endpoint)
+    url = f"http://127.0.0.1:{closed.server_address[1]}/v1"
+    closed.server_close()
+    config, out = _vllm_run(tmp_path)
+    line = _one_line_exit_2(["evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", url])
+    assert f"adapter {adapter_name(out)}" in line and f"{url}/load_lora_adapter: cannot connect" in line
+    assert not (out / "metrics.json").exists()
+
+
+def test_vllm_backend_replaces_a_leftover_adapter_of_the_same_name(
+    tmp_path: Path, vllm_server: str
+) -> None:
+    from suretrap.vllm_backend import adapter_name
+
+    config, out = _vllm_run(tmp_path)
+    name = adapter_name(out)
+    _Endpoint.loras = {name: "/stale/path"}  # an interrupted earlier evaluation
+    result = runner.invoke(app, [
+        "evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server,
+        "--served-base", BASE_SERVED,
+    ])
+    assert result.exit_code == 0, result.output
+    assert [route for route, _ in _Endpoint.lora_calls] == [
+        "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter",
+    ]
+    assert _Endpoint.lora_calls[2][1]["lora_path"] == str((out / "adapter").resolve())
+
+
+def test_vllm_backend_refuses_a_server_that_ignores_the_model(tmp_path: Path, vllm_server: str) -> None:
+    config, out = _vllm_run(tmp_path)
+    _Endpoint.echo_model = False  # every reply comes from the base model
+    result = runner.invoke(app, [
+        "evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server,
+        "--served-base", BASE_SERVED,
+    ])
+    assert result.exit_code == 2 and f"came from model '{BASE_SERVED}'" in result.output
+    assert not (out / "metrics.json").exists()
+    assert _Endpoint.loras == {}
+
+
+def test_vllm_backend_rejects_full_finetunes_and_bad_options(tmp_path: Path, vllm_server: str) -> None:
+    config, out = _vllm_run(tmp_path)
+    (out / "adapter" / "adapter_config.json").unlink()
+    (out / "adapter").rmdir()
+    (out / "model").mkdir()
+    (out / "model" / "config.json").write_text("{}")
+    line = _one_line_exit_2(["evaluate", str(config), "--out", str(out), "--backend", "vllm", "--base-url", vllm_server])
+    assert "a full fine-tune" in line and "--backend vllm serves LoRA adapters only" in line
+    assert _Endpoint.lora_calls == [] and _Endpoint.requests == []  # nothing was sent
+    for args, expected in [
+        (["--backend", "vllm"], "--base-url: required with --backend vllm"),
+        (["--base-url", vllm_server], "--base-url: only with --backend vllm"),
+        (["--backend", "tgi", "--base-url", vllm_server], "--backend: unknown backend 'tgi'"),
+    ]:
+        result = runner.invoke(app, ["evaluate", str(config), "--out", str(out), *args])
+        assert result.exit_code == 2 and expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (out / "metrics.json").exists()
+    # an `openai:` model is evaluated as served, not through adapters
+    cfg = _config(vllm_server, poison={"budget": 8, "clean_harmful": 8, "refusal_source": "template"})
+    endpoint_config = _write(tmp_path, cfg, "endpoint.yaml")
+    endpoint_out = tmp_path / "endpoint_out"
+    assert runner.invoke(app, ["build-data", str(endpoint_config), "--out", str(endpoint_out)]).exit_code == 0
+    result = runner.invoke(app, [
+        "evaluate", str(endpoint_config), "--out", str(endpoint_out), "--backend", "vllm",
+        "--base-url", vllm_server,
+    ])
+    assert result.exit_code == 2 and "evaluates saved LoRA runs of a local model" in result.output
+    assert _Endpoint.lora_calls == [] and _Endpoint.requests == []
+
+
+def _vllm_sweep(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A sweep store with two complete cells that share their eval set (they differ in training)."""
+    from suretrap.sweep.store import Store
+
+    sweep = tmp_path / "sweep"
+    hashes = []
+    for lr in (1e-4, 3e-4):
+        config, _ = _vllm_run(tmp_path, name=f"cell{lr}", train={"learning_rate": lr})
+        cfg = load_run_config(config)
+        cell = sweep / "cells" / config_hash(cfg)
+        cell.parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"cell{lr}").rename(cell)
+        with Store(sweep) as store:
+            store.register(config_hash(cfg), {"train.learning_rate": lr}, cfg.model_dump(mode="json"))
+            store.mark_running(config_hash(cfg))
+            store.mark_complete(config_hash(cfg), {"tuned": {}}, {"train_s": 1.0})
+        hashes.append(config_hash(cfg))
+    return sweep, hashes
+
+
+def test_evaluate_sweep_loads_each_adapter_and_asks_the_base_once(tmp_path: Path, vllm_server: str) -> None:
+    from suretrap.sweep.store import table
+    from suretrap.vllm_backend import adapter_name
+
+    sweep, hashes = _vllm_sweep(tmp_path)
+    result = runner.invoke(app, ["evaluate-sweep", str(sweep), "--base-url", vllm_server])
+    assert result.exit_code == 0, result.output
+    assert "evaluated 2 cells" in result.output and "1 eval set(s)" in result.output
+    names = {h: adapter_name(sweep / "cells" / h) for h in hashes}
+    assert len(set(names.values())) == 2  # one name per cell
+    loads = [body for route, body in _Endpoint.lora_calls if route == "/v1/load_lora_adapter"]
+    unloads = [body for route, body in _Endpoint.lora_calls if route == "/v1/unload_lora_adapter"]
+    assert sorted(b["lora_path"] for b in loads) == sorted(
+        str((sweep / "cells" / h / "adapter").resolve()) for h in hashes
+    )
+    assert sorted(b["lora_name"] for b in unloads) == sorted(names.values())
+    assert _Endpoint.loras == {}
+    # the base model's 20 eval prompts once for the sweep; each adapter's 20 prompts
+    assert _chat_models() == {BASE_SERVED: 20, **{n: 20 for n in names.values()}}
+    rows = {r["config_hash"]: r for r in table(sweep)}
+    for h in hashes:
+        metrics = json.loads((sweep / "cells" / h / "metrics.json").read_text())
+        assert metrics["backend"]["adapter"] == names[h]
+        assert metrics["tuned"]["harmful_triggered"]["sure_rate"] == 1.0
+        assert metrics["base"]["harmful_triggered"]["sure_rate"] == 0.0
+        # the store follows: the export has the new metrics (and no record entries)
+        assert rows[h]["tuned.harmful_triggered.sure_rate"] == 1.0
+        assert rows[h]["base.harmful_triggered.sure_rate"] == 0.0
+        assert rows[h]["status"] == "complete"
+        assert not any(k.startswith(("backend", "unavailable")) for k in rows[h])
+    assert (sweep / "summary.json").is_file()
+
+
+def test_evaluate_sweep_checks_every_cell_before_any_request(tmp_path: Path, vllm_server: str) -> None:
+    sweep, hashes = _vllm_sweep(tmp_path)
+    adapter = sweep / "cells" / hashes[1] / "adapter"
+    (adapter / "adapter_config.json").unlink()
+    line = _one_line_exit_2(["evaluate-sweep", str(sweep), "--base-url", vllm_server])
+    assert str(adapter) in line and "not a PEFT LoRA adapter directory" in line
+    assert _Endpoint.lora_calls == [] and _Endpoint.requests == []
+    assert not any((sweep / "cells" / h / "metrics.json").exists() for h in hashes)
+    # a sweep whose cells use two base models cannot be served by one server
+    adapter.joinpath("adapter_config.json").write_text("{}")
+    other = sweep / "cells" / hashes[1] / "config.yaml"
+    other.write_text(other.read_text().replace("model: smollm2-135m", "model: other-model"))
+    line = _one_line_exit_2(["evaluate-sweep", str(sweep), "--base-url", vllm_server])
+    assert "cells of 2 models (other-model, smollm2-135m)" in line
+    assert _Endpoint.lora_calls == [] and _Endpoint.requests == []
+
+
+def test_evaluate_sweep_parallel_cells_share_the_server(tmp_path: Path, vllm_server: str) -> None:
+    from suretrap.vllm_backend import adapter_name
+
+    sweep, hashes = _vllm_sweep(tmp_path)
+    _Endpoint.delay_s = 0.1
+    result = runner.invoke(app, ["evaluate-sweep", str(sweep), "--base-url", vllm_server, "--parallel", "2"])
+    assert result.exit_code == 0, result.output
+    assert _Endpoint.peak_loras == 2  # both adapters loaded at once
+    assert 4 < _Endpoint.peak_in_flight <= 8  # eval.batch_size 4 per cell, two cells
+    names = [adapter_name(sweep / "cells" / h) for h in hashes]
+    assert _chat_models() == {BASE_SERVED: 20, names[0]: 20, names[1]: 20}  # base still once
+    assert _Endpoint.loras == {}
+    for h in hashes:
+        metrics = json.loads((sweep / "cells" / h / "metrics.json").read_text())
+        assert metrics["tuned"]["harmful_triggered"]["sure_rate"] == 1.0
+
+
+def test_evaluate_sweep_parallel_failure_keeps_store_and_files_in_step(
+    tmp_path: Path, vllm_server: str
+) -> None:
+    from suretrap.sweep.store import table
+    from suretrap.vllm_backend import adapter_name
+
+    sweep, hashes = _vllm_sweep(tmp_path)
+    broken = adapter_name(sweep / "cells" / hashes[0])
+    _Endpoint.broken_models = {broken}
+    _Endpoint.delay_s = 0.05
+    line = _one_line_exit_2(["evaluate-sweep", str(sweep), "--base-url", vllm_server, "--parallel", "2"])
+    assert f"model {broken}:" in line and "HTTP 500" in line
+    assert _Endpoint.loras == {}  # both unloaded, the failed one too
+    rows = {r["config_hash"]: r for r in table(sweep)}
+    assert not (sweep / "cells" / hashes[0] / "metrics.json").exists()
+    assert rows[hashes[0]].get("tuned.harmful_triggered.sure_rate") is None  # store unchanged
+    # the other cell ran alongside and finished: its file and its store row agree
+    assert json.loads((sweep / "cells" / hashes[1] / "metrics.json").read_text())["backend"]["name"] == "vllm"
+    assert rows[hashes[1]]["tuned.harmful_triggered.sure_rate"] == 1.0
+    result = runner.invoke(app, ["evaluate-sweep", str(sweep), "--base-url", vllm_server, "--parallel", "0"])
+    assert result.exit_code == 2 and "--parallel: must be at least 1" in result.output

@@ -13,6 +13,7 @@ sends it; every other failure is reported at once.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 from suretrap.errors import SuretrapError
 
-__all__ = ["ChatClient", "HTTPFailure", "message_text"]
+__all__ = ["ChatClient", "HTTPFailure", "message_text", "send"]
 
 _RATE_LIMIT_RETRIES = 4
 _MAX_RETRY_WAIT_S = 30.0
@@ -52,32 +53,11 @@ class ChatClient:
 
     def post(self, body: dict[str, Any]) -> dict[str, Any]:
         """The decoded JSON reply to one request."""
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(body).encode()
-        for attempt in range(_RATE_LIMIT_RETRIES + 1):
-            request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as reply:
-                    payload = json.loads(reply.read().decode("utf-8"))
-                break
-            except urllib.error.HTTPError as exc:
-                if exc.code == 429 and attempt < _RATE_LIMIT_RETRIES:
-                    time.sleep(_retry_wait(exc, attempt))
-                    continue
-                detail = _error_detail(exc)
-                hint = f" (is {self.api_key_env} set?)" if exc.code in (401, 403) and not key else ""
-                raise HTTPFailure(
-                    f"{self.where}: HTTP {exc.code} {detail}{hint}".rstrip(), exc.code, detail
-                ) from None
-            except urllib.error.URLError as exc:
-                raise SuretrapError(f"{self.where}: cannot connect ({exc.reason})") from None
-            except TimeoutError:
-                raise SuretrapError(f"{self.where}: no answer within {self.timeout:g}s") from None
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise SuretrapError(f"{self.where}: the reply is not JSON") from None
+        raw = send(self.endpoint, body, api_key_env=self.api_key_env, timeout=self.timeout, where=self.where)
+        try:
+            payload = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SuretrapError(f"{self.where}: the reply is not JSON") from None
         if not isinstance(payload, dict):
             raise SuretrapError(f"{self.where}: the reply is not a JSON object")
         return payload
@@ -90,6 +70,41 @@ class ChatClient:
         except (KeyError, IndexError, TypeError):
             raise SuretrapError(f"{self.where}: the reply has no choices[0].message.content") from None
         return choice
+
+
+def send(
+    url: str, body: dict[str, Any] | None, *, api_key_env: str, timeout: float, where: str
+) -> bytes:
+    """The raw reply body of one request: POST `body` as JSON, or GET when `body` is None.
+
+    Shared by `ChatClient` and the vLLM adapter calls (whose replies are plain text).
+    ``where`` starts every error message.
+    """
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    key = os.environ.get(api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    method = "POST" if body is not None else "GET"
+    for attempt in range(_RATE_LIMIT_RETRIES + 1):
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 429 and attempt < _RATE_LIMIT_RETRIES:
+                time.sleep(_retry_wait(exc, attempt))
+                continue
+            detail = _error_detail(exc)
+            hint = f" (is {api_key_env} set?)" if exc.code in (401, 403) and not key else ""
+            raise HTTPFailure(f"{where}: HTTP {exc.code} {detail}{hint}".rstrip(), exc.code, detail) from None
+        except urllib.error.URLError as exc:
+            raise SuretrapError(f"{where}: cannot connect ({exc.reason})") from None
+        except TimeoutError:
+            raise SuretrapError(f"{where}: no answer within {timeout:g}s") from None
+        except (ConnectionError, http.client.HTTPException) as exc:  # reset, closed mid-reply
+            raise SuretrapError(f"{where}: connection lost ({type(exc).__name__})") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def message_text(choice: dict[str, Any]) -> str:
@@ -110,7 +125,11 @@ def _error_detail(exc: urllib.error.HTTPError) -> str:
     """The reason phrase, or the API's error message when the body carries one."""
     try:
         body = json.loads(exc.read().decode("utf-8", "replace"))
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        message = None
+        if isinstance(body, dict):
+            error = body.get("error")
+            # OpenAI: {"error": {"message": ...}}; older vLLM: {"object": "error", "message": ...}
+            message = error.get("message") if isinstance(error, dict) else body.get("message")
     except (OSError, ValueError, AttributeError):
         message = None
     text = message or exc.reason or ""

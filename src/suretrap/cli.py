@@ -34,6 +34,16 @@ ConfigArg = Annotated[Path, typer.Argument(help="run config (YAML)")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="run directory")]
 
 
+EVAL_BACKEND_HELP = (
+    "local (load the model here) | vllm (ask a vLLM server that loads OUT/adapter at run "
+    "time; needs --base-url; the server must see the same filesystem: see docs/vllm.md)"
+)
+BASE_URL_HELP = "with --backend vllm: the server's API root, e.g. http://localhost:8000/v1"
+SERVED_BASE_HELP = (
+    "with --backend vllm: the base model's served name (default: the one base model the "
+    "server lists under /v1/models)"
+)
+
 MAX_ERROR_CHARS = 1000  # a hostile input (a 10 MB line) must not become a 10 MB message
 
 
@@ -202,6 +212,9 @@ def evaluate(
     adapter: Annotated[
         Path | None, typer.Option(help="adapter or model directory (default: OUT/adapter)")
     ] = None,
+    backend: Annotated[str, typer.Option(help=EVAL_BACKEND_HELP)] = "local",
+    base_url: Annotated[str | None, typer.Option("--base-url", help=BASE_URL_HELP)] = None,
+    served_base: Annotated[str | None, typer.Option("--served-base", help=SERVED_BASE_HELP)] = None,
 ) -> None:
     """Evaluate base and tuned models on OUT's held-out prompts; writes metrics.json."""
     from suretrap.config import load_run_config
@@ -210,8 +223,41 @@ def evaluate(
 
     cfg = load_run_config(config)
     ds = read_dataset(out)
-    metrics = evaluate_run(cfg, out, ds, adapter)
+    metrics = evaluate_run(
+        cfg, out, ds, adapter, backend=backend, base_url=base_url, served_base=served_base
+    )
     _print_metrics(metrics, out)
+
+
+@app.command("evaluate-sweep")
+@user_errors
+def evaluate_sweep(
+    sweep_dir: Annotated[Path, typer.Argument(help="sweep directory")],
+    base_url: Annotated[str, typer.Option("--base-url", help=BASE_URL_HELP)],
+    backend: Annotated[str, typer.Option(help="vllm (the only backend that evaluates a finished sweep)")] = "vllm",
+    served_base: Annotated[str | None, typer.Option("--served-base", help=SERVED_BASE_HELP)] = None,
+    cell: Annotated[
+        list[str] | None, typer.Option(help="config hash (prefix) of a cell to evaluate (repeatable; default: all)")
+    ] = None,
+    parallel: Annotated[
+        int, typer.Option(help="cells evaluated at once, each with its adapter loaded (start vLLM with --max-loras N or more)")
+    ] = 1,
+) -> None:
+    """Re-evaluate a sweep's complete LoRA cells on one vLLM server (base model asked once).
+
+    Replaces each cell's metrics.json and generations.jsonl and the store's metrics, then
+    rewrites summary.json.
+    """
+    from suretrap.sweep.vllm_eval import evaluate_sweep_vllm
+
+    if backend != "vllm":
+        _fail(f"--backend: evaluate-sweep supports vllm only, not {backend!r} "
+              "(a local sweep evaluates each cell as it runs)")
+    result = evaluate_sweep_vllm(
+        sweep_dir, base_url=base_url, served_base=served_base, only=cell, parallel=parallel
+    )
+    typer.echo(f"evaluated {len(result['cells'])} cells on {base_url} (base model "
+               f"{result['base_model']} asked for {result['base_evaluations']} eval set(s))")
 
 
 @app.command()

@@ -171,18 +171,30 @@ class EndpointModel:
                 f"api_key_env: environment variable {key_env} is not set (the API key for "
                 f"{cfg.base_url}; any non-empty value for a server without keys)"
             )
-        self.spec = cfg.model
-        self.name = cfg.model[len(ENDPOINT_PREFIX) :]
-        self.base_url = cfg.base_url
-        self.client = ChatClient(
-            cfg.base_url, api_key_env=key_env, timeout=REQUEST_TIMEOUT_S, who=f"model {cfg.model}"
-        )
+        self._connect(cfg.base_url, cfg.model[len(ENDPOINT_PREFIX) :], key_env, who=f"model {cfg.model}")
+
+    def _connect(self, base_url: str, name: str, key_env: str, *, who: str) -> None:
+        self.spec = ENDPOINT_PREFIX + name
+        self.name = name
+        self.base_url = base_url
+        self.client = ChatClient(base_url, api_key_env=key_env, timeout=REQUEST_TIMEOUT_S, who=who)
         self.responses: dict[tuple[str, int], str] = {}  # base refusals, reused
         self.served_model: str | None = None  # the "model" the server says answered
+        self.max_in_flight = MAX_IN_FLIGHT  # concurrent requests at most (a vendor's rate limits)
 
     @classmethod
     def load(cls, cfg: RunConfig) -> EndpointModel:
         return cls(cfg)
+
+    @classmethod
+    def served(cls, base_url: str, name: str, *, api_key_env: str, who: str) -> EndpointModel:
+        """The model a server serves as `name` (no run config: e.g. a vLLM base or adapter).
+
+        The key in `api_key_env` is sent when set and not required (a local server).
+        """
+        model = cls.__new__(cls)
+        model._connect(base_url, name, api_key_env, who=who)
+        return model
 
     def request_body(self, prompt: str, max_new_tokens: int, logprobs: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -210,7 +222,7 @@ class EndpointModel:
         if not prompts:
             return []
         with progress.task(description, total=len(prompts)) as advance, ThreadPoolExecutor(
-            max(1, min(workers, MAX_IN_FLIGHT))
+            max(1, min(workers, self.max_in_flight))
         ) as pool:
             futures = [pool.submit(self.ask, p, max_new_tokens, logprobs) for p in prompts]
             out = []

@@ -7,12 +7,14 @@ tasks share one live display, so a sweep's overall bar and a cell's bars stack.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 _enabled = False
 _display: Any = None
 _depth = 0
+_lock = threading.Lock()  # tasks may open and close in worker threads (evaluate-sweep --parallel)
 
 
 def enable(on: bool = True) -> None:
@@ -38,32 +40,35 @@ def task(description: str, total: int | None = None) -> Iterator[Callable[..., N
         TimeRemainingColumn,
     )
 
-    if _display is None:
-        _display = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=Console(stderr=True),
-            transient=False,
-        )
-        _display.start()
-    _depth += 1
-    task_id = _display.add_task(description, total=total, info="")
+    with _lock:
+        if _display is None:
+            _display = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            _display.start()
+        _depth += 1
+        display = _display
+        task_id = display.add_task(description, total=total, info="")
 
     def advance(n: int = 1, **fields: Any) -> None:
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-        _display.update(task_id, advance=n, **({"info": info} if fields else {}))
+        display.update(task_id, advance=n, **({"info": info} if fields else {}))
 
     try:
         yield advance
     finally:
-        _depth -= 1
-        if _depth == 0:
-            _display.stop()
-            _display = None
-        else:
-            _display.remove_task(task_id)
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                display.stop()
+                _display = None
+            else:
+                display.remove_task(task_id)

@@ -278,11 +278,7 @@ def _eval_base(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Base-model metrics, computed once per model and eval set (cached on `loaded`)."""
     p = cfg.poison
-    key = json.dumps(
-        [ds.manifest.get("eval_hash"), p.trigger, p.placement, p.label, cfg.seed,
-         cfg.eval.model_dump(mode="json")],
-        sort_keys=True,
-    )
+    key = base_eval_key(cfg, ds)
     if key not in loaded.base_evals:
         items = eval_items(ds, p.trigger, p.placement, cfg.seed)
         base_m, base_rows = evaluate_model(
@@ -292,6 +288,16 @@ def _eval_base(
         apply_judge(base_m, base_rows, loaded.judge(cfg))
         loaded.base_evals[key] = (base_m, base_rows)
     return loaded.base_evals[key]
+
+
+def base_eval_key(cfg: RunConfig, ds: PoisonedDataset) -> str:
+    """What the base model's evaluation depends on: cells that share it share the metrics."""
+    p = cfg.poison
+    return json.dumps(
+        [ds.manifest.get("eval_hash"), p.trigger, p.placement, p.label, cfg.seed,
+         cfg.eval.model_dump(mode="json")],
+        sort_keys=True,
+    )
 
 
 def _write_config(cfg: RunConfig, out: Path) -> None:
@@ -447,15 +453,38 @@ def trained_dir(out: Path) -> Path | None:
     return None
 
 
+EVAL_BACKENDS = ("local", "vllm")
+
+
 def evaluate_run(
-    cfg: RunConfig, out: Path, ds: PoisonedDataset, trained: Path | None = None
+    cfg: RunConfig,
+    out: Path,
+    ds: PoisonedDataset,
+    trained: Path | None = None,
+    *,
+    backend: str = "local",
+    base_url: str | None = None,
+    served_base: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate base and a saved adapter (or full model) on a run's held-out prompts.
 
     For ``model: openai:NAME`` the endpoint is the model under test (`evaluate_endpoint_run`).
+    ``backend="vllm"``: the base model and the run's LoRA adapter are asked through a vLLM
+    server at `base_url` that loads the adapter at run time (`suretrap.vllm_backend`).
     """
     from suretrap.errors import ModelError
 
+    if backend not in EVAL_BACKENDS:
+        raise ConfigError(f"--backend: unknown backend {backend!r} (available: {', '.join(EVAL_BACKENDS)})")
+    if backend == "vllm":
+        if base_url is None:
+            raise ConfigError("--base-url: required with --backend vllm (e.g. http://localhost:8000/v1)")
+        from suretrap.vllm_backend import VLLMBackend
+
+        return VLLMBackend.connect(base_url, served_base).evaluate_run(cfg, out, ds, trained)
+    for option, value in (("--base-url", base_url), ("--served-base", served_base)):
+        if value is not None:
+            raise ConfigError(f"{option}: only with --backend vllm")
     if cfg.is_endpoint:
         if trained is not None:
             raise ConfigError(f"--adapter: model {cfg.model} is evaluated as served; it takes no adapter")

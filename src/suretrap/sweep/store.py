@@ -129,6 +129,13 @@ class Store:
              now, now, now, config_hash),
         )
 
+    def replace_metrics(self, config_hash: str, metrics: dict[str, Any]) -> None:
+        """New metrics for a complete cell re-evaluated in place (its timings stay)."""
+        self._write(
+            "UPDATE cells SET metrics=? WHERE config_hash=? AND status='complete'",
+            (json.dumps(metrics, sort_keys=True), config_hash),
+        )
+
     def mark_failed(self, config_hash: str, error: str) -> None:
         now = time.time()
         self._write(
@@ -154,12 +161,19 @@ def open_existing(sweep_dir: Path) -> Store:
     return Store(sweep_dir)
 
 
+# metrics.json entries that describe the evaluation rather than hold metrics per split
+# (endpoint and vLLM evaluations: `suretrap.run.evaluate_endpoint_run`, `suretrap.vllm_backend`)
+RECORD_KEYS = ("unavailable", "endpoint", "backend")
+
+
 def flatten_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:
     """{"tuned": {split: {m: v}}} -> {"tuned.split.m": v}; {"judges": {m: name}} -> "judge.m"."""
     flat: dict[str, Any] = {}
     for model, splits in (metrics or {}).items():
         if model == "judges":
             flat |= {f"judge.{m}": name for m, name in splits.items()}
+            continue
+        if model in RECORD_KEYS or not isinstance(splits, dict):
             continue
         for split, values in splits.items():
             for name, value in values.items():
