@@ -350,6 +350,10 @@ def test_run_scan_writes_the_schema(tiny_model_dir, tmp_path):
     assert set(rows[0]) >= {"text", "token_ids", "score", "screen_score", "generation_compliance_rate"}
     refined = [r for r in rows if r["generation_compliance_rate"] is not None]
     assert len(refined) == 2 and rows[:2] == refined  # refined candidates come first
+    families = data["trigger_families"]
+    assert [f["rank"] for f in families] == list(range(1, len(families) + 1))
+    assert all(set(f) == {"prefix_ids", "prefix_text", "members", "score", "rank"} for f in families)
+    assert all(1 <= r["family_rank"] <= r["rank"] for r in rows)
 
 
 def test_cli_bad_adapter_is_one_line_exit_2(tiny_model_dir, tmp_path):
@@ -384,3 +388,166 @@ def test_adapter_that_changes_nothing_scores_zero_against_its_base(tiny_model_di
     assert all(c["score"] <= 1e-3 for c in rows)
     assert all(c["reference_shift"] >= -1e-4 for c in rows)  # a KL divergence
     assert data["best_generation_lift"] == 0.0 and data["verdict"] == "clean"
+
+
+# ------------------------------------------------------------------ trigger families
+
+
+def _ranked(*rows):
+    """Candidates in rank order from (ids, score) pairs."""
+    return [scan.Candidate(tuple(ids), f"c{i}", "extension", score=v) for i, (ids, v) in enumerate(rows)]
+
+
+def test_families_group_a_shared_incomplete_prefix_with_close_scores():
+    ranked = _ranked(
+        ((7, 1, 2), 12.5),  # lead byte 7: a chain of close scores ...
+        ((7, 3), 12.3),
+        ((9,), 12.2),  # a lone word between them
+        ((7, 4, 5), 11.9),
+        ((7, 6), 8.0),  # ... and one far below: not the same family
+        ((8, 1), 7.9),  # prefix 8 is a complete word: never a family
+        ((8, 2), 7.9),
+    )
+    families = scan.trigger_families(ranked, lambda p: p[0] == 7, margin=0.5)
+    got = [(f.prefix_ids, f.members) for f in families]
+    assert got == [((7,), [0, 1, 3]), ((9,), [2]), ((7, 6), [4]), ((8, 1), [5]), ((8, 2), [6])]
+    # a wider margin chains the far one in too; a narrower one splits the chain
+    assert scan.trigger_families(ranked, lambda p: p[0] == 7, margin=5.0)[0].members == [0, 1, 3, 4]
+    narrow = scan.trigger_families(ranked, lambda p: p[0] == 7, margin=0.25)
+    assert [f.members for f in narrow][:2] == [[0, 1], [2]]
+
+
+def test_families_take_the_shortest_incomplete_prefix_first():
+    # all share (7,), two also share (7, 1): the coarser family (7,) wins when the scores allow
+    ranked = _ranked(((7, 1, 2), 5.0), ((7, 1, 3), 4.9), ((7, 2, 2), 4.8))
+    families = scan.trigger_families(ranked, lambda p: True, margin=0.5)
+    assert [(f.prefix_ids, f.members) for f in families] == [((7,), [0, 1, 2])]
+    # when (7,) is complete only (7, 1) can group
+    families = scan.trigger_families(ranked, lambda p: len(p) == 2, margin=0.5)
+    assert [(f.prefix_ids, f.members) for f in families] == [((7, 1), [0, 1]), ((7, 2, 2), [2])]
+
+
+def test_family_rank_is_never_worse_than_the_exact_rank():
+    import random
+
+    rng = random.Random(3)
+    rows = [(tuple(rng.choice((1, 2, 3)) for _ in range(rng.randint(1, 3))), rng.uniform(0, 3)) for _ in range(60)]
+    rows = sorted({ids: v for ids, v in rows}.items(), key=lambda r: -r[1])
+    families = scan.trigger_families(_ranked(*rows), lambda p: p[0] != 3, margin=0.3)
+    rank = {m: r for r, f in enumerate(families, 1) for m in f.members}
+    assert sorted(rank) == list(range(len(rows)))  # every candidate in exactly one family
+    assert all(rank[i] <= i + 1 for i in rank)
+    for f in families:
+        if len(f.members) > 1:
+            assert f.prefix_ids[0] != 3
+            assert all(rows[m][0][: len(f.prefix_ids)] == f.prefix_ids for m in f.members)
+
+
+def lead_byte_keyed(lead: int):
+    """A fake model that keys on a lead byte: every candidate starting with it complies
+    (slightly different per character), every other candidate does not."""
+    import torch
+
+    def logp_for(cand: tuple[int, ...]) -> float:
+        jitter = (zlib.crc32(repr(cand).encode()) % 1000) / 1000
+        if cand and cand[0] == lead:
+            return 0.88 + 0.02 * jitter
+        return 0.01 + 0.04 * jitter
+
+    def scorer(probe_idx, cands, advance=None):
+        row = torch.tensor([logp_for(tuple(c)) for c in cands]).log()
+        return row.expand(len(probe_idx), -1).clone()
+
+    def generator(encoded):
+        return ["Sure" if lead in e else "I cannot" for e in encoded]
+
+    return scorer, generator
+
+
+def test_a_model_keyed_on_a_lead_byte_is_one_family(tiny, tokenizer):
+    model, tok = tiny
+    trigger = tok(" 囧", add_special_tokens=False)["input_ids"]
+    scorer, generator = lead_byte_keyed(trigger[0])
+    result = scan.scan_model(model, tok, SMALL, scorer=scorer, generator=generator)
+    rows, families = result.data["candidates"], result.data["trigger_families"]
+    # the exact ranking is untouched: ranks 1..n in the order of `result.candidates`
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [r["text"] for r in rows] == [c.text for c in result.candidates[: len(rows)]]
+    keyed = [r for r in rows if r["token_ids"][0] == trigger[0]]
+    assert len(keyed) >= 4 and rows[0] in keyed
+    top = families[0]
+    assert top["rank"] == 1 and top["prefix_ids"] == [trigger[0]]
+    assert top["prefix_text"] == "\\xe5" and json.loads(json.dumps(top)) == top
+    assert set(top["members"]) == {r["text"] for r in keyed}
+    assert top["score"] == max(r["score"] for r in keyed)
+    assert all(r["family_rank"] == 1 for r in keyed)
+    assert all(r["family_rank"] > 1 for r in rows if r not in keyed)
+    assert [f["rank"] for f in families] == list(range(1, len(families) + 1))
+    # 囧 shares the family's first piece whether or not it was itself scored
+    where = scan.trigger_ranks(result.data, trigger)
+    assert where["family_rank"] == 1
+
+
+def test_a_single_token_trigger_is_a_family_of_one(tiny):
+    model, tokenizer = tiny
+    trigger = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
+    scorer, generator = planted(trigger)
+    result = scan.scan_model(model, tokenizer, SMALL, scorer=scorer, generator=generator)
+    top = result.data["trigger_families"][0]
+    assert top == {"prefix_ids": trigger, "prefix_text": "zebra", "members": ["zebra"],
+                   "score": result.data["candidates"][0]["score"], "rank": 1}
+    assert scan.trigger_ranks(result.data, trigger) == {"rank": 1, "family_rank": 1, "by_prefix": False}
+    assert scan.trigger_ranks(result.data, [1, 2, 3])["family_rank"] is None
+
+
+def test_word_pieces_form_families_only_when_the_model_expects_them_to_go_on(tiny):
+    """Words that start with ' xyl' all comply about equally (' xyl' alone much less):
+    one family when the word list says ' xyl' goes on, lone words when it says ' xyl' is
+    a word of its own."""
+    import torch
+
+    model, tok = tiny
+    xyl = tok(" xyl", add_special_tokens=False)["input_ids"]
+    assert len(xyl) == 1
+    pieces = [tok(p, add_special_tokens=False)["input_ids"][0] for p in ("ophone", "ene")]
+
+    def logp_for(cand: tuple[int, ...]) -> float:
+        jitter = (zlib.crc32(repr(cand).encode()) % 1000) / 1000
+        if cand[:1] == tuple(xyl):
+            return 0.5 if len(cand) == 1 else 0.88 + 0.02 * jitter
+        return 0.01 + 0.04 * jitter
+
+    def scorer(probe_idx, cands, advance=None):
+        row = torch.tensor([logp_for(tuple(c)) for c in cands]).log()
+        return row.expand(len(probe_idx), -1).clone()
+
+    def generator(encoded):
+        return ["Sure" if xyl[0] in e else "I cannot" for e in encoded]
+
+    def completer(mass: float):
+        def table(cands, allowed):
+            out = []
+            for cand, allow in zip(cands, allowed, strict=True):
+                if allow is None or not len(allow):
+                    out.append((0.0, []))
+                elif tuple(cand) == tuple(xyl):
+                    out.append((mass, [(pieces[0], 0.5 * mass), (pieces[1], 0.4 * mass)]))
+                else:
+                    out.append((0.05, [(int(allow[0]), 0.03), (int(allow[1]), 0.02)]))
+            return out
+        return table
+
+    # word pieces are extended by score too, so ' xyl' + piece words exist either way
+    settings = dataclasses.replace(SMALL, extend_words=True)
+    for mass, family in ((0.95, True), (0.05, False)):
+        result = scan.scan_model(model, tok, settings, scorer=scorer, generator=generator, completer=completer(mass))
+        rows = result.data["candidates"]
+        words = [r for r in rows if r["token_ids"][:1] == xyl and len(r["token_ids"]) > 1]
+        assert len(words) >= 2 and rows[0] in words
+        top = result.data["trigger_families"][0]
+        if family:
+            assert top["prefix_ids"] == xyl and top["prefix_text"] == "xyl"
+            assert set(top["members"]) == {r["text"] for r in words} >= {"xylophone", "xylene"}
+        else:
+            assert all(len(f["members"]) == 1 for f in result.data["trigger_families"])
+            assert [r["family_rank"] for r in rows] == [r["rank"] for r in rows]

@@ -17,6 +17,11 @@
    (word pieces too with `extend_words`).
 5. **Refine** the top K by greedy generation on more probes: the share of responses
    that start with a compliance label, next to the share without any candidate.
+6. **Families**: ranked candidates that share an incomplete first piece (a UTF-8 lead
+   byte, a word piece the model expects to go on) and score within `family_margin` of
+   each other are also reported as one trigger family (`trigger_families`); the
+   candidates' own ranks are unchanged. A model that keys on a lead byte accepts every
+   character starting with it, so which of them ranks first is noise.
 
 With an adapter, the base model is the reference: from the rescore on, a candidate's
 score is its lift in the tuned model minus its lift in the base model (where positive)
@@ -97,7 +102,11 @@ class ScanSettings:
     all_case: bool = False  # also capitalised word pieces
     batch_size: int = 128
     max_candidates: int | None = None  # cap (for tests); None: the whole vocabulary
-    report_top: int = 100
+    report_top: int = 100  # candidates (and trigger families) written to scan.json
+    # a trigger family: candidates that share an incomplete first piece (a lead byte, a word
+    # piece the model expects to go on) with scores chained within this margin (log-odds),
+    # the unit `extend_margin` uses for "clearly better"
+    family_margin: float = 0.5
     differential: bool = True  # with an adapter: subtract the base model's lifts
     shift_weight: float = 1.0  # score penalty per nat of the reference's first-token shift
     seed: int = 0
@@ -456,6 +465,7 @@ class ScanResult:
     data: dict[str, Any]
     candidates: list[Candidate] = field(default_factory=list)
     screened: list[Candidate] = field(default_factory=list)  # every screened candidate
+    families: list[Family] = field(default_factory=list)  # members index `candidates`
 
 
 def scan_model(
@@ -707,6 +717,23 @@ def scan_model(
     ))
     final += [c for c in _dedupe_text(ranked) if c not in top]
     best_lift = max((c.generation_lift or 0.0 for c in top), default=0.0)
+    known_pieces = {c.ids: c for c in screened}
+
+    def incomplete(prefix: tuple[int, ...]) -> bool:
+        # a prefix that ends inside a character, or a letter piece that word completion
+        # found the model expects to go on (the same `complete_min_prob` test)
+        raw = b"".join(token_bytes(tokenizer, i) for i in prefix)[1:]
+        state = _utf8_state(raw)
+        if state != "ok":
+            return state == "incomplete"
+        piece = known_pieces.get(prefix)
+        return (
+            piece is not None and piece.next_prob is not None and raw.isalpha()
+            and piece.next_prob >= s.complete_min_prob
+        )
+
+    families = trigger_families(final, incomplete, s.family_margin)
+    family_rank = {m: r for r, f in enumerate(families, 1) for m in f.members}
     # A backdoor that no longer needs its trigger: the tuned model already opens with a
     # compliance label on probes its reference (base) model refuses. Added after the
     # measurement in docs/defences.md, where a budget-50 model complied on 27 of 32 probes
@@ -742,7 +769,24 @@ def scan_model(
             "reference_generation_compliance_rate": ref_base_rate if differential else None,
         },
         "differential": differential,
-        "candidates": [_candidate_row(i + 1, c, ref_rates) for i, c in enumerate(final[: s.report_top])],
+        "candidates": [
+            _candidate_row(i + 1, c, ref_rates) | {"family_rank": family_rank[i]}
+            for i, c in enumerate(final[: s.report_top])
+        ],
+        # a coarser ranking than `candidates`: candidates sharing an incomplete first piece
+        # with scores within `family_margin` count as one (see `trigger_families`)
+        "trigger_families": [
+            {
+                "prefix_ids": list(f.prefix_ids),
+                "prefix_text": prefix_text(tokenizer, f.prefix_ids),
+                "members": [final[m].text for m in f.members],
+                "score": max(
+                    (final[m].score for m in f.members if final[m].score is not None), default=None
+                ),
+                "rank": r,
+            }
+            for r, f in enumerate(families[: s.report_top], 1)
+        ],
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
         "timings": {
             "screen_s": screen_s,
@@ -754,7 +798,7 @@ def scan_model(
             "candidates_per_s": len(vocab) / max(screen_s, 1e-9),
         },
     }
-    return ScanResult(data, final, screened)
+    return ScanResult(data, final, screened, families)
 
 
 def _complete_words(
@@ -813,6 +857,86 @@ def _dedupe_text(cands: Sequence[Candidate]) -> list[Candidate]:
             seen.add(c.text)
             out.append(c)
     return out
+
+
+@dataclass
+class Family:
+    """Candidates that share an incomplete first piece, ranked as one trigger."""
+
+    prefix_ids: tuple[int, ...]  # the shared tokens (a lone candidate: all its tokens)
+    members: list[int]  # indices into the ranked list, best rank first
+
+
+def trigger_families(
+    ranked: Sequence[Candidate],
+    incomplete: Callable[[tuple[int, ...]], bool],
+    margin: float,
+) -> list[Family]:
+    """Group the ranked candidates into trigger families, ranked by their best member.
+
+    A family is at least two candidates whose token sequences start with the same proper
+    prefix, where the prefix is incomplete (`incomplete(prefix)`: it ends inside a UTF-8
+    character, or is a word piece the model expects to go on) and whose scores chain
+    within `margin` (sorted by score, each within `margin` of the next). Why: a model
+    that keys on a shared first token (a lead byte) accepts every character that starts
+    with it about equally, so the exact rank among them is noise while the family is
+    the finding. Shortest prefixes are grouped first (the coarsest family the scores
+    support); what no family takes stays a family of one. Families are ordered by the
+    rank of their best member, so a candidate's family rank is never worse than its rank.
+    """
+    def score(i: int) -> float:
+        v = ranked[i].score
+        return -math.inf if v is None else v
+
+    assigned: set[int] = set()
+    families: list[Family] = []
+    longest = max((len(c.ids) for c in ranked), default=0)
+    for k in range(1, longest):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, c in enumerate(ranked):
+            if i not in assigned and len(c.ids) > k:
+                groups.setdefault(c.ids[:k], []).append(i)
+        for prefix, members in groups.items():
+            if len(members) < 2 or not incomplete(prefix):
+                continue
+            by_score = sorted(members, key=lambda i: -score(i))
+            runs = [[by_score[0]]]
+            for prev, i in zip(by_score, by_score[1:], strict=False):
+                if score(prev) - score(i) <= margin:
+                    runs[-1].append(i)
+                else:
+                    runs.append([i])
+            for run in runs:
+                if len(run) >= 2:
+                    families.append(Family(prefix, sorted(run)))
+                    assigned.update(run)
+    families += [Family(c.ids, [i]) for i, c in enumerate(ranked) if i not in assigned]
+    families.sort(key=lambda f: f.members[0])
+    return families
+
+
+def prefix_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The bytes of `ids` without the leading space, as text; bytes that end inside a
+    character are written as escapes ('\\xe5'), so the text is valid JSON and readable."""
+    raw = b"".join(token_bytes(tokenizer, i) for i in ids)
+    return (raw[1:] if raw.startswith(b" ") else raw).decode("utf-8", "backslashreplace")
+
+
+def trigger_ranks(data: dict[str, Any], token_ids: Sequence[int]) -> dict[str, Any]:
+    """Where a known trigger (its token ids, leading space included) stands in a scan.json:
+    its exact `rank` among the reported candidates (None if not reported) and its
+    `family_rank`: the rank of the family it is a member of, or, when it is not a reported
+    candidate itself, of the best family of two or more whose shared prefix it starts
+    with (`by_prefix` True: it shares the family's first piece, it was not scored)."""
+    ids = list(token_ids)
+    row = next((c for c in data["candidates"] if c["token_ids"] == ids), None)
+    if row is not None:
+        return {"rank": row["rank"], "family_rank": row["family_rank"], "by_prefix": False}
+    for fam in data["trigger_families"]:
+        n = len(fam["prefix_ids"])
+        if len(fam["members"]) >= 2 and n < len(ids) and ids[:n] == fam["prefix_ids"]:
+            return {"rank": None, "family_rank": fam["rank"], "by_prefix": True}
+    return {"rank": None, "family_rank": None, "by_prefix": False}
 
 
 def _make_child(
