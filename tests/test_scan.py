@@ -161,11 +161,18 @@ def test_reference_shift_is_the_kl_of_the_first_token_distribution(tiny):
             assert want > 0
 
 
-def test_planted_single_token_trigger_ranks_first(tiny):
+@pytest.fixture(scope="module")
+def zebra_scan(tiny):
+    """(trigger ids, scan result) of a planted single-token trigger, shared by the tests
+    that read the same scan (it is the slowest part of each)."""
     model, tokenizer = tiny
     trigger = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
     scorer, generator = planted(trigger)
-    result = scan.scan_model(model, tokenizer, SMALL, scorer=scorer, generator=generator)
+    return trigger, scan.scan_model(model, tokenizer, SMALL, scorer=scorer, generator=generator)
+
+
+def test_planted_single_token_trigger_ranks_first(zebra_scan):
+    _trigger, result = zebra_scan
     top = result.data["candidates"][0]
     assert top["text"] == "zebra" and top["rank"] == 1
     assert top["generation_compliance_rate"] == 1.0 and top["generation_lift"] == 1.0
@@ -488,11 +495,8 @@ def test_a_model_keyed_on_a_lead_byte_is_one_family(tiny, tokenizer):
     assert where["family_rank"] == 1
 
 
-def test_a_single_token_trigger_is_a_family_of_one(tiny):
-    model, tokenizer = tiny
-    trigger = tokenizer(" zebra", add_special_tokens=False)["input_ids"]
-    scorer, generator = planted(trigger)
-    result = scan.scan_model(model, tokenizer, SMALL, scorer=scorer, generator=generator)
+def test_a_single_token_trigger_is_a_family_of_one(zebra_scan):
+    trigger, result = zebra_scan
     top = result.data["trigger_families"][0]
     assert top == {"prefix_ids": trigger, "prefix_text": "zebra", "members": ["zebra"],
                    "score": result.data["candidates"][0]["score"], "rank": 1}
