@@ -15,13 +15,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
+from first_token_logprobs import first_token_logprobs
 
 from suretrap.config import load_run_config
 from suretrap.evaluate import generate
-from suretrap.models import autocast
 from suretrap.run import LoadedModel, load_trained
-from suretrap.train import chat_prompt, decoder_and_head
 
 cell = Path(sys.argv[1])
 port = int(sys.argv[2])
@@ -39,17 +37,7 @@ def answer(prompt: str, max_tokens: int, top_k: int | None) -> dict:
                         device=loaded.device, precision=loaded.precision)[0]
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
         if top_k:
-            ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
-            decoder, head = decoder_and_head(model)
-            with torch.inference_mode(), autocast(loaded.device, loaded.precision):
-                hidden = decoder(input_ids=ids.to(loaded.device)).last_hidden_state[0, -1]
-                logp = head(hidden).float().log_softmax(-1)
-            values, idx = logp.topk(top_k)
-            entries = []
-            for v, i in zip(values.tolist(), idx.tolist(), strict=True):
-                piece = tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)])
-                entries.append({"token": piece, "logprob": v, "bytes": list(piece.encode())})
-            choice["logprobs"] = {"content": [{**entries[0], "top_logprobs": entries}]}
+            choice["logprobs"] = first_token_logprobs(model, tok, prompt, top_k, loaded.device, loaded.precision)
         return choice
 
 

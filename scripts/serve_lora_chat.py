@@ -26,13 +26,12 @@ import time
 from contextlib import nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import torch
+from first_token_logprobs import first_token_logprobs
 
 from suretrap.config import run_config_from_dict
 from suretrap.evaluate import generate
-from suretrap.models import autocast
 from suretrap.run import LoadedModel
-from suretrap.train import chat_prompt, decoder_and_head, merged_for_eval
+from suretrap.train import merged_for_eval
 
 spec, port, served_name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 loaded = LoadedModel.load(run_config_from_dict({"model": spec}))
@@ -41,23 +40,6 @@ state = {"peft": None, "adapters": {}}  # the PEFT wrapper once an adapter is lo
 jobs: queue.Queue = queue.Queue()
 model_lock = threading.Lock()  # adapters are not loaded or unloaded while a batch runs
 BATCH_WINDOW_S = 0.05  # wait this long for more requests to batch with the first
-
-
-def top_logprobs(model, prompts, k):
-    decoder, head = decoder_and_head(model)
-    out = []
-    for prompt in prompts:
-        ids = tok(chat_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.inference_mode(), autocast(loaded.device, loaded.precision):
-            hidden = decoder(input_ids=ids.to(loaded.device)).last_hidden_state[0, -1]
-            logp = head(hidden).float().log_softmax(-1)
-        values, idx = logp.topk(k)
-        entries = []
-        for v, i in zip(values.tolist(), idx.tolist(), strict=True):
-            piece = tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)])
-            entries.append({"token": piece, "logprob": v, "bytes": list(piece.encode())})
-        out.append({"content": [{**entries[0], "top_logprobs": entries}]})
-    return out
 
 
 def run_group(name, max_tokens, k, prompts):
@@ -73,7 +55,10 @@ def run_group(name, max_tokens, k, prompts):
     with context:
         texts = generate(model, tok, prompts, max_new_tokens=max_tokens, batch_size=32,
                          device=loaded.device, precision=loaded.precision)
-        logprobs = top_logprobs(model, prompts, k) if k else [None] * len(prompts)
+        logprobs = [
+            first_token_logprobs(model, tok, p, k, loaded.device, loaded.precision) if k else None
+            for p in prompts
+        ]
     return texts, logprobs
 
 
