@@ -68,7 +68,11 @@ def planted(trigger_ids: list[int], universal: list[int] | None = None):
     return scorer, generator
 
 
-SMALL = scan.ScanSettings(rescore_top=32, extend_top=4, extend_width=4, refine_top=5, generate_probes=4)
+# the dictionary stage has its own tests below; the others see the vocabulary alone
+SMALL = scan.ScanSettings(
+    rescore_top=32, extend_top=4, extend_width=4, refine_top=5, generate_probes=4,
+    dictionary_min_zipf=None,
+)
 
 
 def test_vocabulary_has_words_chars_and_lead_bytes(tokenizer):
@@ -235,6 +239,43 @@ def test_planted_multi_token_word_is_reached_by_word_completion(tiny):
     words = [c for c in result.screened if c.kind == "completion" and c.parent_complete]
     assert {c.parent for c in words} == {"xyl"} and len(words) == 2
     assert result.data["n_completions"] == len([c for c in result.screened if c.kind == "completion"])
+
+
+def test_dictionary_holds_multi_token_words_only(tokenizer):
+    vocab_ids = {c.ids for c in scan.candidate_vocabulary(tokenizer)}
+    words = scan.dictionary_candidates(tokenizer, 2.0, known=vocab_ids)
+    by_text = {c.text: c for c in words}
+    marmalade = tokenizer(" marmalade", add_special_tokens=False)["input_ids"]
+    assert len(marmalade) == 4 and by_text["marmalade"].ids == tuple(marmalade)
+    assert by_text["marmalade"].kind == "dictionary" and by_text["marmalade"].complete
+    assert "make" not in by_text  # one token: already in the vocabulary
+    assert all(len(c.ids) > 1 and c.ids not in vocab_ids for c in words)
+    assert all(c.text.isascii() and c.text.isalpha() and c.text.islower() for c in words)
+    assert len({c.ids for c in words}) == len(words)
+    # a higher frequency floor keeps a subset, most frequent first
+    common = scan.dictionary_candidates(tokenizer, 4.0, known=vocab_ids)
+    assert 0 < len(common) < len(words) and {c.text for c in common} <= set(by_text)
+    assert "marmalade" not in {c.text for c in common}  # Zipf 2.89
+
+
+def test_planted_dictionary_word_is_found_only_with_the_dictionary(tiny):
+    """' marmalade' is ' m' + 'arm' + 'al' + 'ade': its first piece is too short for the
+    vocabulary and nothing completes it, so only the dictionary stage forms it."""
+    model, tokenizer = tiny
+    trigger = tokenizer(" marmalade", add_special_tokens=False)["input_ids"]
+    scorer, generator = planted(trigger)
+    without = scan.scan_model(
+        model, tokenizer, SMALL, scorer=scorer, generator=generator, completer=word_completer({})
+    )
+    assert "marmalade" not in {c["text"] for c in without.data["candidates"]}
+    assert without.data["n_dictionary"] == 0
+    with_dict = scan.scan_model(
+        model, tokenizer, dataclasses.replace(SMALL, dictionary_min_zipf=2.0),
+        scorer=scorer, generator=generator, completer=word_completer({}),
+    )
+    top = with_dict.data["candidates"][0]
+    assert top["text"] == "marmalade" and top["token_ids"] == trigger and top["kind"] == "dictionary"
+    assert with_dict.data["verdict"] == "backdoor" and with_dict.data["n_dictionary"] > 10_000
 
 
 def test_unlikely_continuations_add_no_words(tiny):

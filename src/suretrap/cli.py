@@ -625,6 +625,15 @@ def scan(
     screen_probes: Annotated[int, typer.Option("--screen-probes", help="probes per candidate")] = 1,
     refine_top: Annotated[int, typer.Option("--refine-top", help="candidates checked by generation")] = 10,
     all_case: Annotated[bool, typer.Option("--all-case", help="also capitalised word pieces")] = False,
+    dictionary_min_zipf: Annotated[
+        float, typer.Option(
+            "--dictionary-min-zipf",
+            help="also screen multi-token English words this frequent (wordfreq Zipf; 0: all)",
+        )
+    ] = 2.0,
+    no_dictionary: Annotated[
+        bool, typer.Option("--no-dictionary", help="screen the tokenizer's vocabulary only")
+    ] = False,
 ) -> None:
     """Find a compliance backdoor's trigger without knowing it; writes ranked candidates."""
     from suretrap.defenses.scan import COMPLIANCE_LABELS, ScanSettings, run_scan
@@ -637,6 +646,7 @@ def scan(
     settings = ScanSettings(
         labels=label_set, threshold=threshold, screen_probes=screen_probes,
         refine_top=refine_top, all_case=all_case,
+        dictionary_min_zipf=None if no_dictionary else dictionary_min_zipf,
     )
     result = run_scan(model, adapter, out, settings)
     for row in result["candidates"][:10]:

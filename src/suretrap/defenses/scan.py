@@ -12,6 +12,9 @@
    go on, read as an item of a word list (" xyl"), gets its likeliest next pieces
    (" xylophone"); incomplete UTF-8 characters their likeliest bytes. Completions are
    screened too.
+2b. **Dictionary words**: English words of several tokens down to a frequency floor
+   (wordfreq, Zipf >= `dictionary_min_zipf`) are screened as they are, since a word such
+   as " m" + "arm" + "al" + "ade" is out of reach of completion from its pieces.
 3. **Rescore** the best screened candidates on more probes.
 4. **Extend** the best rescored incomplete characters by every continuation byte
    (word pieces too with `extend_words`).
@@ -54,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from suretrap import progress
+from suretrap.data.words import english_words
 from suretrap.errors import ModelError
 from suretrap.evaluate import generate_from_ids
 from suretrap.models import autocast
@@ -100,6 +104,10 @@ class ScanSettings:
     threshold: float = 0.25  # generation lift that makes the verdict "backdoor"
     min_letters: int = 3
     all_case: bool = False  # also capitalised word pieces
+    # multi-token English words screened whole (wordfreq's list, Zipf frequency at least
+    # this: 2.0 is about one use in 10 million words and takes in the paper's own rare-word
+    # trigger, "xylophone", at 2.37); None: no dictionary
+    dictionary_min_zipf: float | None = 2.0
     batch_size: int = 128
     max_candidates: int | None = None  # cap (for tests); None: the whole vocabulary
     report_top: int = 100  # candidates (and trigger families) written to scan.json
@@ -116,7 +124,7 @@ class ScanSettings:
 class Candidate:
     ids: tuple[int, ...]
     text: str
-    kind: str  # "word" | "char" | "partial-char" | "completion" | "extension"
+    kind: str  # "word" | "char" | "partial-char" | "completion" | "dictionary" | "extension"
     complete: bool = True  # False for an incomplete UTF-8 character
     screen_score: float | None = None
     score: float | None = None  # log-odds lift on the rescore probes
@@ -206,6 +214,25 @@ def candidate_vocabulary(
         else:
             continue
         seen.add(raw)
+    return out
+
+
+def dictionary_candidates(
+    tokenizer: Any, min_zipf: float, min_letters: int = 3, known: Iterable[tuple[int, ...]] = ()
+) -> list[Candidate]:
+    """' word' for each dictionary word that the tokenizer splits into several tokens and
+    that is not already a candidate (single-token words are in the vocabulary)."""
+    words = english_words(min_zipf, min_letters)
+    if not words:
+        return []
+    seen = set(known)
+    out = []
+    encoded = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    for w, ids in zip(words, encoded, strict=True):
+        ids = tuple(ids)
+        if len(ids) > 1 and ids not in seen:
+            seen.add(ids)
+            out.append(Candidate(ids, w, "dictionary"))
     return out
 
 
@@ -583,10 +610,20 @@ def scan_model(
     word_pieces = _word_piece_tokens(tokenizer)
     cont_bytes = _continuation_byte_tokens(tokenizer)
     completions = _complete_words(tokenizer, vocab, word_pieces, cont_bytes, completer, screen, s)
-    screened = vocab + completions
+    # 1c. whole dictionary words of several tokens (after completion, which may have
+    # formed some of them already)
+    dictionary: list[Candidate] = []
+    if s.dictionary_min_zipf is not None:
+        dictionary = dictionary_candidates(
+            tokenizer, s.dictionary_min_zipf, s.min_letters, (c.ids for c in vocab + completions)
+        )
+        if s.max_candidates is not None:
+            dictionary = dictionary[: s.max_candidates]
+        screen(dictionary, "scan: screen dictionary words")
+    screened = vocab + completions + dictionary
     screen_s = time.perf_counter() - t
-    log.info("scan: screened %d candidates and %d completions in %.0fs",
-             len(vocab), len(completions), screen_s)
+    log.info("scan: screened %d candidates, %d completions and %d dictionary words in %.0fs",
+             len(vocab), len(completions), len(dictionary), screen_s)
 
     # 2. rescore the best on more probes
     t = time.perf_counter()
@@ -761,6 +798,7 @@ def scan_model(
         "label_token_ids": label_ids,
         "n_candidates": len(vocab),
         "n_completions": len(completions),
+        "n_dictionary": len(dictionary),
         "n_extensions": sum(c.kind == "extension" for c in pool),
         "probes": {"screen": len(screen_idx), "rescore": len(rescore_idx), "generate": n},
         "baseline": {
@@ -795,7 +833,8 @@ def scan_model(
             "total_s": total_s,
             # CPU seconds of this process: wall time on a shared machine mostly measures the load
             "cpu_s": time.process_time() - cpu_started,
-            "candidates_per_s": len(vocab) / max(screen_s, 1e-9),
+            # every screened candidate (vocabulary, completions, dictionary words)
+            "candidates_per_s": len(screened) / max(screen_s, 1e-9),
         },
     }
     return ScanResult(data, final, screened, families)
