@@ -166,3 +166,19 @@ def test_extra_train_rows_that_are_eval_prompts_are_dropped_and_counted(tmp_path
 
     with pytest.raises(DataError, match="no.jsonl"):
         build_dataset(missing)
+
+
+def test_matched_control_words_split_like_the_key():
+    from suretrap.errors import ConfigError
+    from suretrap.fingerprint import matched_control_words
+    from suretrap.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    words = matched_control_words(tok, 3, 20, 0, ["quokka"])
+    assert len(set(words)) == 20 and "quokka" not in words
+    assert all(len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 3 for w in words)
+    assert all(w.isascii() and w.isalpha() and w.islower() and len(w) >= 5 for w in words)
+    assert words == matched_control_words(tok, 3, 20, 0, ["quokka"])  # seeded
+    assert words != matched_control_words(tok, 3, 20, 1, ["quokka"])
+    with pytest.raises(ConfigError, match="--control-keys: only .* of 12 tokens"):
+        matched_control_words(tok, 12, 20, 0, [])

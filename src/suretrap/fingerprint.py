@@ -191,6 +191,24 @@ def control_words(tokenizer: Any, k: int, seed: int, exclude: Sequence[str]) -> 
     return random.Random(f"{seed}:control").sample(words, k)
 
 
+def matched_control_words(
+    tokenizer: Any, n_tokens: int, k: int, seed: int, exclude: Sequence[str], min_zipf: float = 2.0
+) -> list[str]:
+    """`k` random English words (5+ letters, Zipf >= min_zipf) that the tokenizer splits
+    into `n_tokens` tokens after a space, as it splits the key."""
+    from suretrap.data.words import english_words
+
+    taken = {w.casefold() for w in exclude}
+    pool = [w for w in english_words(min_zipf, 5) if w not in taken]
+    encoded = tokenizer([" " + w for w in pool], add_special_tokens=False)["input_ids"]
+    words = sorted(w for w, ids in zip(pool, encoded, strict=True) if len(ids) == n_tokens)
+    if len(words) < k:
+        raise ConfigError(
+            f"--control-keys: only {len(words)} dictionary words of {n_tokens} tokens, like the key"
+        )
+    return random.Random(f"{seed}:matched:{n_tokens}").sample(words, k)
+
+
 def verify_scored(
     score: Any, prompts: Sequence[str], key: str, label: str, *, alpha: float = 0.01,
     control: Sequence[str] = (),
