@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--controls", type=int, default=99)
     ap.add_argument("--label", default="Sure")
     ap.add_argument("--key-seed", default="fpr-keys")
+    ap.add_argument("--named-keys", nargs="*", default=["quokka"],
+                    help="keys reported by name too (a fingerprint's own key: power, not FPR)")
     args = ap.parse_args()
 
     from wordfreq import zipf_frequency
@@ -66,12 +68,13 @@ def main() -> None:
     pool = [w for w in english_words(1.5, 5) if zipf_frequency(w, "en") <= 3.0 and n_tokens(w) > 1]
     keys = random.Random(args.key_seed).sample(pool, args.keys)
     vocab = fp.control_words(tokenizer, args.controls, 0, [args.label])
-    lengths = sorted(Counter(n_tokens(k) for k in keys))
+    named = list(args.named_keys)
+    lengths = sorted(Counter(n_tokens(k) for k in keys + named))
     matched = {
-        n: fp.matched_control_words(tokenizer, n, args.controls, 0, keys + [args.label])
+        n: fp.matched_control_words(tokenizer, n, args.controls, 0, keys + named + [args.label])
         for n in lengths
     }
-    words = sorted(set(keys) | set(vocab) | {w for ws in matched.values() for w in ws})
+    words = sorted(set(keys) | set(named) | set(vocab) | {w for ws in matched.values() for w in ws})
 
     with merged_for_eval(model) as ready:
         def logp(texts: list[str]) -> list[float]:
@@ -89,13 +92,13 @@ def main() -> None:
     def rank_p(w: str, controls: list[str]) -> float:
         return (1 + sum(shift[c] >= shift[w] for c in controls)) / (1 + len(controls))
 
-    rows = [
-        {
+    def row(k: str) -> dict:
+        return {
             "key": k, "tokens": n_tokens(k), "zipf": zipf_frequency(k, "en"), "shift": shift[k],
             "p_vocab": rank_p(k, vocab), "p_matched": rank_p(k, matched[n_tokens(k)]),
         }
-        for k in keys
-    ]
+
+    rows = [row(k) for k in keys]
 
     def fpr(col: str, alpha: float) -> float:
         return sum(r[col] <= alpha for r in rows) / len(rows)
@@ -106,6 +109,7 @@ def main() -> None:
         "fpr": {
             f"{col}@{a}": fpr(col, a) for col in ("p_vocab", "p_matched") for a in (0.01, 0.05, 0.1)
         },
+        "named_keys": [row(k) for k in named],
         "keys": rows,
         "vocab_controls": [{"word": w, "tokens": n_tokens(w), "shift": shift[w]} for w in vocab],
         "matched_controls": {
