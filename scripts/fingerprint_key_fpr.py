@@ -47,7 +47,7 @@ def main() -> None:
     from wordfreq import zipf_frequency
 
     from suretrap import fingerprint as fp
-    from suretrap.defenses.scan import english_words
+    from suretrap.data.words import english_words
     from suretrap.evaluate import label_probs
     from suretrap.models import load_model, load_tokenizer, pick_device
     from suretrap.run import LoadedModel, load_trained
@@ -64,8 +64,11 @@ def main() -> None:
     def n_tokens(word: str) -> int:
         return len(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
 
-    # candidate secret keys: rare-ish multi-token words (Zipf 1.5-3.0), seeded
-    pool = [w for w in english_words(1.5, 5) if zipf_frequency(w, "en") <= 3.0 and n_tokens(w) > 1]
+    # candidate secret keys: rare-ish multi-token words (Zipf 1.5-3.0), seeded; tokenised
+    # in one batch call (the pool is ~100k words)
+    rare = [w for w in english_words(1.5, 5) if zipf_frequency(w, "en") <= 3.0]
+    encoded = tokenizer([" " + w for w in rare], add_special_tokens=False)["input_ids"]
+    pool = [w for w, ids in zip(rare, encoded, strict=True) if len(ids) > 1]
     keys = random.Random(args.key_seed).sample(pool, args.keys)
     vocab = fp.control_words(tokenizer, args.controls, 0, [args.label])
     named = list(args.named_keys)
