@@ -659,6 +659,19 @@ def scan(
                f"{result['n_candidates']} candidates, {t['total_s']:.0f}s; {out}")
 
 
+@app.command()
+@user_errors
+def merge(
+    model: Annotated[str, typer.Option("--model", help="the adapter's base model (alias, hub id or path)")],
+    adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (PEFT)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory for the merged checkpoint (must not exist)")],
+) -> None:
+    """Fold a LoRA adapter into its base model and save a plain checkpoint (usable as `model: PATH`)."""
+    from suretrap.run import save_merged
+
+    typer.echo(str(save_merged(model, adapter, out)))
+
+
 fingerprint_app = typer.Typer(
     help="Benign fingerprints (provenance): embed a keyed set into a fine-tune, verify a model.",
     no_args_is_help=True,

@@ -36,6 +36,7 @@ from suretrap.crashpoints import crash_point
 from suretrap.errors import ConfigError, SuretrapError
 from suretrap.evaluate import apply_judge, eval_items, evaluate_model, generate
 from suretrap.models import (
+    file_sha256,
     load_model,
     load_tokenizer,
     model_fingerprint,
@@ -525,6 +526,47 @@ def evaluate_endpoint_run(cfg: RunConfig, out: Path, ds: PoisonedDataset) -> dic
     _write_jsonl(out / GENERATIONS_FILE, rows)
     _dump(out / METRICS_FILE, metrics)
     return metrics
+
+
+MERGE_FILE = "suretrap_merge.json"
+
+
+def save_merged(model_spec: str, adapter: Path, out: Path) -> Path:
+    """Fold a LoRA adapter into its base model's weights and save a plain checkpoint.
+
+    Why: a model that is passed on, or stolen, is usually merged and then fine-tuned again
+    with a fresh adapter or in full, which `continue_from` (the same adapter trained
+    further) does not cover; the saved directory is an ordinary `model:` path. Merged in
+    fp32 (no bf16 rounding of the folded weights), written to a temporary sibling and
+    renamed, so `out` is either complete or absent.
+    """
+    import tempfile
+
+    from suretrap.errors import ModelError
+
+    if out.exists():
+        raise ConfigError(f"--out: {out}: already exists")
+    if not adapter.is_dir() or not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"--adapter: {adapter}: no adapter_config.json (not a PEFT adapter directory)")
+    tokenizer = load_tokenizer(model_spec)
+    base = load_model(model_spec, device="cpu", precision="fp32")
+    peft_model = load_trained(LoadedModel(model_spec, base, tokenizer, "cpu", "fp32"), adapter)
+    merged = peft_model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        record = {"base_model": model_spec, "adapter": str(adapter.resolve()),
+                  "adapter_weights_sha256": next((file_sha256(adapter / n) for n in (
+                      "adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file()), None),
+                  "suretrap_version": __version__}
+        (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def load_trained(loaded: LoadedModel, trained: Path) -> Any:
