@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from typer.testing import CliRunner
@@ -10,6 +11,12 @@ from typer.testing import CliRunner
 from suretrap.cli import app
 from suretrap.models import load_model
 from suretrap.run import MERGE_FILE
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _random_adapter(tiny_model_dir, path):
@@ -33,6 +40,7 @@ def test_merged_checkpoint_gives_the_adapters_logits(tmp_path, tiny_model_dir):
     assert res.exit_code == 0, res.output
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
     assert not list(tmp_path.glob(".merged.*"))  # no temporary directory left behind
+    assert out.stat().st_mode & 0o055 == 0o055 & ~_umask()  # readable like any new directory
     record = json.loads((out / MERGE_FILE).read_text())
     assert record["base_model"] == str(tiny_model_dir) and len(record["adapter_weights_sha256"]) == 64
 

@@ -562,6 +562,9 @@ def save_merged(model_spec: str, adapter: Path, out: Path) -> Path:
                       "adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file()), None),
                   "suretrap_version": __version__}
         (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
