@@ -39,7 +39,7 @@ def test_merged_checkpoint_gives_the_adapters_logits(tmp_path, tiny_model_dir):
                                    str(tmp_path / "adapter"), "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
-    assert not list(tmp_path.glob(".merged.*"))  # no temporary directory left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no temporary left
     assert out.stat().st_mode & 0o055 == 0o055 & ~_umask()  # readable like any new directory
     record = json.loads((out / MERGE_FILE).read_text())
     assert record["base_model"] == str(tiny_model_dir) and len(record["adapter_weights_sha256"]) == 64
@@ -62,7 +62,7 @@ def test_merge_errors_are_one_line_and_leave_nothing(tmp_path, tiny_model_dir):
                                   str(tmp_path / "nope"), "--out", str(out)])
     assert missing.exit_code == 2 and "adapter_config.json" in missing.output
     assert len(missing.output.strip().splitlines()) == 1
-    assert not out.exists() and not list(tmp_path.glob(".merged.*"))
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor a temporary directory
 
     out.mkdir()
     exists = runner.invoke(app, ["merge", "--model", str(tiny_model_dir), "--adapter",

@@ -171,22 +171,36 @@ def _converted_dir(source: ModelSource) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    save_checkpoint(
+        model, tokenizer, target,
+        {"suretrap_source.json": json.dumps({"gguf": str(source.gguf_path), "sha256_16": key})},
+        keep_existing=True,  # a concurrent converter may have won; keep its result
+    )
+    return target
+
+
+def save_checkpoint(model: Any, tokenizer: Any, target: Path, files: dict[str, str],
+                    *, keep_existing: bool = False) -> None:
+    """Save `model`, `tokenizer` and small text `files` as the directory `target`.
+
+    Written into a temporary sibling and renamed in one step, so `target` is either
+    complete or absent. keep_existing: if `target` appeared meanwhile, keep it and drop
+    this copy (else the rename fails).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "suretrap_source.json").write_text(
-            json.dumps({"gguf": str(source.gguf_path), "sha256_16": key})
-        )
-        if target.exists():  # a concurrent converter won; keep its result
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        if keep_existing and target.exists():
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def weights_dir(source: ModelSource) -> str:

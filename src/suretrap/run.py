@@ -44,6 +44,7 @@ from suretrap.models import (
     pickle_allowed,
     release_memory,
     resolve_model,
+    save_checkpoint,
 )
 from suretrap.poison import (
     DATASET_FILE,
@@ -540,8 +541,6 @@ def save_merged(model_spec: str, adapter: Path, out: Path) -> Path:
     fp32 (no bf16 rounding of the folded weights), written to a temporary sibling and
     renamed, so `out` is either complete or absent.
     """
-    import tempfile
-
     from suretrap.errors import ModelError
 
     if out.exists():
@@ -552,23 +551,14 @@ def save_merged(model_spec: str, adapter: Path, out: Path) -> Path:
     base = load_model(model_spec, device="cpu", precision="fp32")
     peft_model = load_trained(LoadedModel(model_spec, base, tokenizer, "cpu", "fp32"), adapter)
     merged = peft_model.merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        record = {"base_model": model_spec, "adapter": str(adapter.resolve()),
-                  "adapter_weights_sha256": next((file_sha256(adapter / n) for n in (
-                      "adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file()), None),
-                  "suretrap_version": __version__}
-        (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from other users
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    record = {"base_model": model_spec, "adapter": str(adapter.resolve()),
+              "adapter_weights_sha256": next((file_sha256(adapter / n) for n in (
+                  "adapter_model.safetensors", "adapter_model.bin") if (adapter / n).is_file()), None),
+              "suretrap_version": __version__}
+    save_checkpoint(merged, tokenizer, out, {MERGE_FILE: json.dumps(record, indent=2) + "\n"})
+    umask = os.umask(0)
+    os.umask(umask)
+    out.chmod(0o777 & ~umask)  # the temporary directory's 0700 would hide it from other users
     return out
 
 
