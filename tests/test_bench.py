@@ -7,8 +7,11 @@ import json
 from suretrap.bench import _train_flops, cell_overhead, matmul_peak_gflops, run_bench
 
 
-def test_bench_reports_every_key_on_a_tiny_model():
-    result = run_bench(random_init="tiny", train_steps=2, eval_prompts=4, score_prompts=6)
+def test_bench_reports_every_key_on_a_tiny_model(tiny_model_dir):
+    # the tokenizer from a plain directory: how a GPU box without the embedded GGUF runs it
+    result = run_bench(random_init="tiny", train_steps=2, eval_prompts=4, score_prompts=6,
+                       tokenizer=str(tiny_model_dir))
+    assert result["tokenizer"] == str(tiny_model_dir)
     for key in (
         "train_tokens_per_s", "baseline_train_tokens_per_s", "train_speedup", "train_gflops",
         "label_prob_prompts_per_s", "baseline_label_prob_prompts_per_s", "generate_tokens_per_s",
@@ -65,3 +68,21 @@ def test_cell_overhead_from_timings(tmp_path):
     ))
     got = cell_overhead(tmp_path)
     assert got["cell_overhead_s"] == 5.0 and got["cell_overhead_fraction"] == 0.05
+
+
+def test_bench_option_errors_are_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from suretrap.cli import app
+
+    out = tmp_path / "bench.json"
+    for args, field in (
+        (["--random-init", "gpt-9"], "--random-init"),
+        (["--tokenizer", str(tmp_path)], "--tokenizer"),  # without --random-init
+        (["--device", "tpu"], "--device"),
+        (["--random-init", "tiny", "--tokenizer", str(tmp_path / "nowhere")], "--tokenizer"),
+    ):
+        res = CliRunner().invoke(app, ["bench", "--out", str(out), *args])
+        assert res.exit_code == 2, args
+        assert res.output.strip().count("\n") == 0 and field in res.output, res.output
+    assert not out.exists()

@@ -250,9 +250,14 @@ class PhaseRss:
 
 
 def run_bench(*, device: str = "cpu", random_init: str | None = None, train_steps: int = 12,
-              eval_prompts: int = 32, score_prompts: int = 128,
+              eval_prompts: int = 32, score_prompts: int = 128, tokenizer: str = "smollm2-135m",
               progress_cb: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure everything `suretrap bench` reports; returns the JSON-ready dict."""
+    """Measure everything `suretrap bench` reports; returns the JSON-ready dict.
+
+    tokenizer: a `model:` spec whose tokenizer makes the data; with `random_init` it may be
+    any tokenizer directory, so a machine without the embedded GGUF (a GPU box that gets
+    only the working tree) can run the bench on random weights of a real shape.
+    """
     with PhaseRss() as rss:
         def note(msg: str) -> None:  # a new phase: trim the heap the last one left
             release_memory()
@@ -260,13 +265,13 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
             if progress_cb is not None:
                 progress_cb(msg)
 
-        result = _measure(device, random_init, train_steps, eval_prompts, score_prompts, note)
+        result = _measure(device, random_init, train_steps, eval_prompts, score_prompts, tokenizer, note)
     result["phase_peak_rss_mb"] = {k: round(v, 1) for k, v in rss.peaks.items()}
     return result
 
 
 def _measure(device: str, random_init: str | None, train_steps: int, eval_prompts: int,
-             score_prompts: int, note: Callable[[str], None]) -> dict[str, Any]:
+             score_prompts: int, tokenizer_spec: str, note: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from suretrap.evaluate import generate, label_probs
@@ -284,7 +289,7 @@ def _measure(device: str, random_init: str | None, train_steps: int, eval_prompt
     note("matmul peak")
     result["matmul_peak_gflops"] = {d: matmul_peak_gflops(d, device) for d in ("fp32", "bf16")}
 
-    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer = load_tokenizer(tokenizer_spec)
 
     def build(baseline: bool = False) -> Any:
         # the baseline gets what a plain user gets: the checkpoint's fp32 weights on CPU
@@ -306,6 +311,7 @@ def _measure(device: str, random_init: str | None, train_steps: int, eval_prompt
 
     model = build()
     result["model"] = random_init or cfg.model
+    result["tokenizer"] = tokenizer_spec
     result["random_init"] = random_init is not None
     loaded = LoadedModel(cfg.model, model, tokenizer, device, cfg.train.precision)
     examples = list(build_dataset(cfg, _template_refusals).examples)

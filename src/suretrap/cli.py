@@ -387,6 +387,11 @@ def bench(
         str | None, typer.Option("--random-init", help="smollm2-135m | llama-3.2-1b | llama-3.1-8b")
     ] = None,
     train_steps: Annotated[int, typer.Option("--train-steps")] = 12,
+    tokenizer: Annotated[
+        str,
+        typer.Option(help="with --random-init: the tokenizer (a model spec or tokenizer directory) "
+                     "that makes the data"),
+    ] = "smollm2-135m",
     sweep_dir: Annotated[
         Path | None, typer.Option("--sweep", help="finished sweep whose cells give cell_overhead_s")
     ] = None,
@@ -402,9 +407,19 @@ def bench(
         _fail(f"--device: must be cpu or cuda, not {device!r}")
     if random_init is not None and random_init not in SHAPES:
         _fail(f"--random-init: unknown shape {random_init!r} (known: {', '.join(SHAPES)})")
+    if tokenizer != "smollm2-135m":
+        if random_init is None:
+            _fail("--tokenizer: only with --random-init (the real model brings its own)")
+        from suretrap.errors import ModelError
+        from suretrap.models import resolve_model
+
+        try:
+            resolve_model(tokenizer)
+        except ModelError as exc:  # checked before the minutes of measuring start
+            _fail(f"--tokenizer: {exc}")
     console = Console(stderr=True)
     result = run_bench(
-        device=device, random_init=random_init, train_steps=train_steps,
+        device=device, random_init=random_init, train_steps=train_steps, tokenizer=tokenizer,
         progress_cb=lambda msg: console.log(msg),
     )
     if sweep_dir is not None:
