@@ -255,7 +255,7 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
     """Measure everything `suretrap bench` reports; returns the JSON-ready dict.
 
     tokenizer: a `model:` spec whose tokenizer makes the data; with `random_init` it may be
-    any tokenizer directory, so a machine without the embedded GGUF (a GPU box that gets
+    a directory holding only a config.json and the tokenizer files, so a machine without the embedded GGUF (a GPU box that gets
     only the working tree) can run the bench on random weights of a real shape.
     """
     with PhaseRss() as rss:

@@ -389,8 +389,8 @@ def bench(
     train_steps: Annotated[int, typer.Option("--train-steps")] = 12,
     tokenizer: Annotated[
         str,
-        typer.Option(help="with --random-init: the tokenizer (a model spec or tokenizer directory) "
-                     "that makes the data"),
+        typer.Option(help="with --random-init: whose tokenizer makes the data (a model spec, or a "
+                     "directory with config.json and tokenizer files, no weights needed)"),
     ] = "smollm2-135m",
     sweep_dir: Annotated[
         Path | None, typer.Option("--sweep", help="finished sweep whose cells give cell_overhead_s")
