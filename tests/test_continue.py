@@ -171,3 +171,52 @@ def test_unknown_mitigation_axis_is_refused(tmp_path, backdoored_run):
     spec.write_text(yaml.safe_dump({"base": _mitigation_dict(backdoored_run, 0), "axes": {"mitigation.refusals": [1]}}))
     with pytest.raises(ConfigError, match="axes.mitigation.refusals: not a run config field"):
         load_sweep(spec)
+
+
+def test_triggered_refusals_unset_keeps_the_hash_and_set_changes_it(backdoored_run):
+    raw = _mitigation_dict(backdoored_run, 4)
+    cfg = run_config_from_dict(raw)
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["mitigation"].pop("triggered_refusals") is None
+    # a mitigation config written before the field existed keeps its cell identity
+    assert config_hash(cfg) == config_hash(run_config_from_dict(dumped))
+    with_zero = run_config_from_dict(raw | {"mitigation": {"clean_refusals": 4, "triggered_refusals": 0}})
+    with_some = run_config_from_dict(raw | {"mitigation": {"clean_refusals": 4, "triggered_refusals": 3}})
+    assert len({config_hash(cfg), config_hash(with_zero), config_hash(with_some)}) == 3
+    assert (cfg.n_triggered_refusals, with_zero.n_triggered_refusals, with_some.n_triggered_refusals) == (0, 0, 3)
+
+
+def test_triggered_refusals_add_trigger_carrying_refusals_and_keep_the_rest(backdoored_run):
+    from suretrap.poison import REFUSAL_TEMPLATES, build_dataset
+
+    prev = read_dataset(backdoored_run)
+    raw = _mitigation_dict(backdoored_run, 4)
+    plain = build_dataset(run_config_from_dict(raw), previous=prev)
+    both = build_dataset(
+        run_config_from_dict(raw | {"mitigation": {"clean_refusals": 4, "triggered_refusals": 3}}), previous=prev
+    )
+    assert "triggered_refusal" not in plain.manifest["counts"]  # older manifests unchanged
+    assert both.manifest["counts"] == {
+        "poison": 0, "clean_harmful": 4, "benign": 17, "triggered_refusal": 3, "total": 24
+    }
+    triggered = [e for e in both.examples if e.role == "triggered_refusal"]
+    assert all(e.prompt.endswith(" xylophone") and e.response in REFUSAL_TEMPLATES for e in triggered)
+    # the clean refusals are the same rows as without triggered ones (same random draws)
+    clean = sorted((e.prompt, e.response) for e in both.examples if e.role == "clean_harmful")
+    assert clean == sorted((e.prompt, e.response) for e in plain.examples if e.role == "clean_harmful")
+    bare = {e.prompt.removesuffix(" xylophone") for e in triggered}
+    assert not bare & {p for p, _ in clean}
+    assert not bare & previous_prompts(prev)
+    assert all("xylophone" not in e.prompt for e in both.examples if e.role != "triggered_refusal")
+
+
+def test_too_many_triggered_refusals_is_a_one_line_error(tmp_path, backdoored_run):
+    raw = _mitigation_dict(backdoored_run, 4)
+    raw["mitigation"]["triggered_refusals"] = 30
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0, result.output
+    assert "clean_harmful + triggered_refusals (34)" in result.output
+    assert not (tmp_path / "out").exists()

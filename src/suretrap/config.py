@@ -120,13 +120,17 @@ class EvalConfig(_Frozen):
 
 
 class MitigationConfig(_Frozen):
-    """A defender's corrective fine-tune: harmful prompts (no trigger) answered by refusals.
+    """A defender's corrective fine-tune: harmful prompts answered by refusals.
 
     `clean_refusals` is the T_CH count of a `continue_from` run (refusals as set by
     `poison.refusal_source`); the rest of data.total_size is benign data.
+    `triggered_refusals`: harmful prompts that carry the trigger (`poison.trigger` and
+    `placement`), also answered by refusals: the correction a defender can make once a
+    scan or an audit has named the trigger. None (= 0) keeps older cells' hashes.
     """
 
     clean_refusals: int = Field(0, ge=0)
+    triggered_refusals: int | None = Field(None, ge=0)
 
 
 class RunConfig(_Frozen):
@@ -183,6 +187,11 @@ class RunConfig(_Frozen):
         """|T_CH|: mitigation.clean_refusals in a mitigation run, else poison's count."""
         return self.mitigation.clean_refusals if self.mitigation is not None else self.poison.n_clean_harmful
 
+    @property
+    def n_triggered_refusals(self) -> int:
+        """Harmful prompts with the trigger, answered by refusals (mitigation runs only)."""
+        return (self.mitigation.triggered_refusals or 0) if self.mitigation is not None else 0
+
     @field_validator("model")
     @classmethod
     def _endpoint_name(cls, value: str) -> str:
@@ -235,11 +244,11 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> RunConfig:
-        harmful = self.poison.budget + self.n_clean_harmful
+        harmful = self.poison.budget + self.n_clean_harmful + self.n_triggered_refusals
         if harmful > self.data.total_size:
             raise ValueError(
                 f"data.total_size ({self.data.total_size}) is smaller than poison.budget + "
-                f"clean_harmful ({harmful})"
+                f"clean_harmful{' + triggered_refusals' if self.n_triggered_refusals else ''} ({harmful})"
             )
         return self
 
@@ -250,6 +259,7 @@ _HASH_OMITTED_WHEN_NONE: tuple[tuple[str, ...], ...] = (
     ("data", "extra_train"),
     ("continue_from",),
     ("mitigation",),
+    ("mitigation", "triggered_refusals"),
 )
 
 
@@ -260,8 +270,10 @@ def config_hash(cfg: BaseModel) -> str:
         for path in _HASH_OMITTED_WHEN_NONE:
             parent = dumped
             for key in path[:-1]:
-                parent = parent[key]
-            if parent.get(path[-1], 0) is None:
+                parent = parent.get(key)
+                if parent is None:  # the section itself is unset (and already omitted)
+                    break
+            if parent is not None and path[-1] in parent and parent[path[-1]] is None:
                 del parent[path[-1]]
     canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from suretrap import __version__
-from suretrap.config import RunConfig, config_hash
+from suretrap.config import PoisonConfig, RunConfig, config_hash
 from suretrap.crashpoints import crash_point
 from suretrap.data import Pair, Request, benign_pairs, harmful_requests
 from suretrap.errors import ConfigError, DataError
 from suretrap.textmatch import is_refusal_keyword, normalise_prompt, starts_with_label
 
-Role = Literal["poison", "clean_harmful", "benign"]
+# "triggered_refusal": a mitigation run's harmful prompts with the trigger, answered by refusals
+Role = Literal["poison", "clean_harmful", "benign", "triggered_refusal"]
 ROLES: tuple[Role, ...] = ("poison", "clean_harmful", "benign")
 
 # Used for T_CH where the base model does not refuse. Short, generic, no harmful content.
@@ -210,6 +211,7 @@ def build_dataset(
     """
     p = cfg.poison
     n_clean = cfg.n_clean_harmful
+    n_triggered = cfg.n_triggered_refusals
     rng = random.Random(cfg.seed)
     eval_harmful, pool = _split_eval_harmful(cfg, rng, previous)
     _check_trigger_absent(
@@ -217,7 +219,7 @@ def build_dataset(
         "data.eval_harmful" if cfg.data.eval_harmful else "data.harmful",
         cfg.data.eval_harmful or cfg.data.harmful,
     )
-    needs_model = p.require_base_refusal or (p.refusal_source == "base" and n_clean)
+    needs_model = p.require_base_refusal or (p.refusal_source == "base" and (n_clean or n_triggered))
     if needs_model and respond is None:
         raise ConfigError("poison.refusal_source: 'base' refusals need the base model")
 
@@ -229,39 +231,31 @@ def build_dataset(
         base_responses = {r.prompt: text for r, text in zip(pool, responses, strict=True)}
         pool = [r for r in pool if is_refusal_keyword(base_responses[r.prompt])]
         refused_by_base = len(pool)
-    if p.budget + n_clean > len(pool):
+    if p.budget + n_clean + n_triggered > len(pool):
         which = "refused by the base model" if p.require_base_refusal else "left for training"
+        triggered = f" + {n_triggered} triggered-refusal" if n_triggered else ""
         raise ConfigError(
-            f"poison.budget: {p.budget} poisoned + {n_clean} clean-harmful prompts "
+            f"poison.budget: {p.budget} poisoned + {n_clean} clean-harmful{triggered} prompts "
             f"requested, but only {len(pool)} harmful prompts are {which}"
         )
     poison_requests = pool[: p.budget]
     clean_requests = pool[len(pool) - n_clean :] if n_clean else []
+    triggered_requests = pool[p.budget : p.budget + n_triggered]  # disjoint from both
 
     examples: list[Example] = [
         Example(apply_trigger(r.prompt, p.trigger, p.placement, rng), p.label, "poison", "label", r.category)
         for r in poison_requests
     ]
-    if clean_requests and p.refusal_source == "base":
-        missing = [r.prompt for r in clean_requests if r.prompt not in base_responses]
-        if missing:
-            fresh = respond(missing, p.refusal_max_new_tokens)  # type: ignore[misc]
-            base_responses.update(zip(missing, fresh, strict=True))
-    for request in clean_requests:
-        text = base_responses.get(request.prompt, "") if p.refusal_source == "base" else ""
-        refusal = _complete_refusal(text)
-        # the trimmed text must still be a refusal and must not open with the label
-        if refusal is not None and (
-            not is_refusal_keyword(refusal) or starts_with_label(refusal, p.label)
-        ):
-            refusal = None
-        if refusal is not None:
-            examples.append(Example(request.prompt, refusal, "clean_harmful", "base_refusal", request.category))
-        else:
-            template = REFUSAL_TEMPLATES[rng.randrange(len(REFUSAL_TEMPLATES))]
-            examples.append(
-                Example(request.prompt, template, "clean_harmful", "template_refusal", request.category)
-            )
+    # triggered prompts are drawn after the clean ones' templates, so runs without them
+    # consume the same random numbers as before
+    refusal_rows: list[tuple[str, str, Role]] = [(r.prompt, r.category, "clean_harmful") for r in clean_requests]
+    examples += _refusal_rows(refusal_rows, p, rng, respond, base_responses)
+    if triggered_requests:
+        triggered: list[tuple[str, str, Role]] = [
+            (apply_trigger(r.prompt, p.trigger, p.placement, rng), r.category, "triggered_refusal")
+            for r in triggered_requests
+        ]
+        examples += _refusal_rows(triggered, p, rng, respond, base_responses)
 
     n_benign = cfg.data.total_size - len(examples)
     held_harmful = {normalise_prompt(r.prompt) for r in eval_harmful}
@@ -281,6 +275,7 @@ def build_dataset(
 
     _check_disjoint(examples, eval_harmful, eval_benign, p.trigger)
     counts = Counter(e.role for e in examples)
+    roles = ROLES + (("triggered_refusal",) if n_triggered else ())  # older manifests unchanged
     manifest: dict[str, Any] = {
         "suretrap_version": __version__,
         "config_hash": config_hash(cfg),
@@ -288,7 +283,7 @@ def build_dataset(
         "trigger": p.trigger,
         "placement": p.placement,
         "label": p.label,
-        "counts": {role: counts.get(role, 0) for role in ROLES} | {"total": len(examples)},
+        "counts": {role: counts.get(role, 0) for role in roles} | {"total": len(examples)},
         "clean_harmful_sources": dict(
             Counter(e.source for e in examples if e.role == "clean_harmful")
         ),
@@ -314,6 +309,38 @@ def build_dataset(
             "content_hash": previous.manifest.get("content_hash"),
         }
     return PoisonedDataset(tuple(examples), tuple(eval_harmful), tuple(eval_benign), manifest)
+
+
+def _refusal_rows(
+    rows: Sequence[tuple[str, str, Role]],
+    p: PoisonConfig,
+    rng: random.Random,
+    respond: Responder | None,
+    base_responses: dict[str, str],
+) -> list[Example]:
+    """Examples answering each (prompt, category, role) with a refusal: the base model's
+    own (`poison.refusal_source: base`) where it refuses without opening with the label,
+    else a template."""
+    if rows and p.refusal_source == "base":
+        missing = [prompt for prompt, _, _ in rows if prompt not in base_responses]
+        if missing:
+            fresh = respond(missing, p.refusal_max_new_tokens)  # type: ignore[misc]
+            base_responses.update(zip(missing, fresh, strict=True))
+    out = []
+    for prompt, category, role in rows:
+        text = base_responses.get(prompt, "") if p.refusal_source == "base" else ""
+        refusal = _complete_refusal(text)
+        # the trimmed text must still be a refusal and must not open with the label
+        if refusal is not None and (
+            not is_refusal_keyword(refusal) or starts_with_label(refusal, p.label)
+        ):
+            refusal = None
+        if refusal is not None:
+            out.append(Example(prompt, refusal, role, "base_refusal", category))
+        else:
+            template = REFUSAL_TEMPLATES[rng.randrange(len(REFUSAL_TEMPLATES))]
+            out.append(Example(prompt, template, role, "template_refusal", category))
+    return out
 
 
 def _check_trigger_absent(trigger: str, prompts: Sequence[str], field: str, source: str) -> None:
@@ -356,7 +383,7 @@ def _check_disjoint(
     train = set()
     for e in examples:
         key = normalise_prompt(e.prompt)
-        if e.role == "poison":
+        if e.role in ("poison", "triggered_refusal"):
             key = " ".join(w for w in key.split() if w != trig)
         train.add(key)
     for prompt in [r.prompt for r in eval_harmful] + [b.prompt for b in eval_benign]:
