@@ -115,7 +115,7 @@ def previous_prompts(previous: PoisonedDataset) -> set[str]:
     for e in previous.examples:
         key = normalise_prompt(e.prompt)
         keys.add(key)
-        if e.role == "poison":
+        if e.role in ("poison", "triggered_refusal"):
             keys.add(" ".join(w for w in key.split() if w != trigger))
     return keys
 
