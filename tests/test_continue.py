@@ -208,6 +208,11 @@ def test_triggered_refusals_add_trigger_carrying_refusals_and_keep_the_rest(back
     assert not bare & {p for p, _ in clean}
     assert not bare & previous_prompts(prev)
     assert all("xylophone" not in e.prompt for e in both.examples if e.role != "triggered_refusal")
+    # a further fine-tune of this one keeps those prompts out, with and without the trigger
+    from suretrap.textmatch import normalise_prompt
+
+    kept_out = previous_prompts(both)
+    assert all(normalise_prompt(b) in kept_out for b in bare)
 
 
 def test_too_many_triggered_refusals_is_a_one_line_error(tmp_path, backdoored_run):
