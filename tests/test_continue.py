@@ -42,14 +42,23 @@ def _mitigation_dict(prev: Path, n: int) -> dict:
     return raw | {"continue_from": str(prev), "mitigation": {"clean_refusals": n}}
 
 
+def _hash_of_dump(dumped: dict) -> str:
+    """config_hash's formula applied to a dump as it is, nothing omitted."""
+    import hashlib
+
+    canonical = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def test_new_fields_unset_keep_old_config_hashes(tiny_config_dict):
     cfg = run_config_from_dict(tiny_config_dict)
     dumped = cfg.model_dump(mode="json")
+    assert _hash_of_dump(dumped) != config_hash(cfg)  # the unset fields are in the dump...
     for key in ("continue_from", "mitigation"):
         assert dumped.pop(key) is None
     assert dumped["data"].pop("extra_train") is None
-    # the hash of a config written before these fields existed is unchanged
-    assert config_hash(cfg) == config_hash(run_config_from_dict(dumped))
+    # ...and not in the hash: it is the hash of a dump from before these fields existed
+    assert config_hash(cfg) == _hash_of_dump(dumped)
     set_one = run_config_from_dict(tiny_config_dict | {"data": {"total_size": 40, "extra_train": "x.jsonl"}})
     assert config_hash(set_one) != config_hash(cfg)
 
@@ -173,13 +182,16 @@ def test_unknown_mitigation_axis_is_refused(tmp_path, backdoored_run):
         load_sweep(spec)
 
 
-def test_triggered_refusals_unset_keeps_the_hash_and_set_changes_it(backdoored_run):
+def test_triggered_refusal_fields_unset_keep_the_hash_and_set_change_it(backdoored_run):
     raw = _mitigation_dict(backdoored_run, 4)
     cfg = run_config_from_dict(raw)
     dumped = cfg.model_dump(mode="json")
     assert dumped["mitigation"].pop("triggered_refusals") is None
-    # a mitigation config written before the field existed keeps its cell identity
-    assert config_hash(cfg) == config_hash(run_config_from_dict(dumped))
+    assert dumped["mitigation"].pop("trigger_words") is None
+    for key in ("extra_train",):
+        assert dumped["data"].pop(key) is None
+    # a mitigation config written before the fields existed keeps its cell identity
+    assert config_hash(cfg) == _hash_of_dump(dumped)
     with_zero = run_config_from_dict(raw | {"mitigation": {"clean_refusals": 4, "triggered_refusals": 0}})
     with_some = run_config_from_dict(raw | {"mitigation": {"clean_refusals": 4, "triggered_refusals": 3}})
     assert len({config_hash(cfg), config_hash(with_zero), config_hash(with_some)}) == 3
@@ -224,4 +236,43 @@ def test_too_many_triggered_refusals_is_a_one_line_error(tmp_path, backdoored_ru
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0, result.output
     assert "clean_harmful + triggered_refusals (34)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_trigger_words_spread_the_triggered_refusals(backdoored_run):
+    from suretrap.poison import build_dataset
+
+    prev = read_dataset(backdoored_run)
+    raw = _mitigation_dict(backdoored_run, 0)
+    words = ["和", "听"]
+    cfg = run_config_from_dict(raw | {"mitigation": {"clean_refusals": 0, "triggered_refusals": 5, "trigger_words": words}})
+    ds = build_dataset(cfg, previous=prev)
+    triggered = [e for e in ds.examples if e.role == "triggered_refusal"]
+    assert sorted(e.prompt.rsplit(" ", 1)[1] for e in triggered) == ["听", "听", "和", "和", "和"]
+    assert ds.manifest["triggered_refusal_words"] == words
+    # a further fine-tune keeps these prompts out whichever word they carried
+    from suretrap.textmatch import normalise_prompt
+
+    kept_out = previous_prompts(ds)
+    assert all(normalise_prompt(e.prompt.rsplit(" ", 1)[0]) in kept_out for e in triggered)
+    unset = build_dataset(run_config_from_dict(raw | {"mitigation": {"clean_refusals": 0, "triggered_refusals": 5}}), previous=prev)
+    assert "triggered_refusal_words" not in unset.manifest
+    assert config_hash(cfg) != config_hash(run_config_from_dict(raw | {"mitigation": {"clean_refusals": 0, "triggered_refusals": 5}}))
+
+
+@pytest.mark.parametrize(
+    ("mitigation", "message"),
+    [
+        ({"clean_refusals": 0, "trigger_words": ["和"]}, "trigger_words: needs mitigation.triggered_refusals > 0"),
+        ({"clean_refusals": 0, "triggered_refusals": 2, "trigger_words": []}, "must name at least one word"),
+        ({"clean_refusals": 0, "triggered_refusals": 2, "trigger_words": [" x"]}, "without surrounding whitespace"),
+    ],
+)
+def test_trigger_words_errors_are_one_line_exit_2(tmp_path, backdoored_run, mitigation, message):
+    raw = _mitigation_dict(backdoored_run, 0) | {"mitigation": mitigation}
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and message in result.output, result.output
     assert not (tmp_path / "out").exists()

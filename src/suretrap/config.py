@@ -131,6 +131,31 @@ class MitigationConfig(_Frozen):
 
     clean_refusals: int = Field(0, ge=0)
     triggered_refusals: int | None = Field(None, ge=0)
+    # the words the triggered refusals carry, in turn (e.g. a scan's top candidates, when
+    # the trigger itself is not known for sure); None: poison.trigger
+    trigger_words: tuple[str, ...] | None = None
+
+    @field_validator("trigger_words", mode="before")
+    @classmethod
+    def _list_to_tuple(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("trigger_words")
+    @classmethod
+    def _words(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must name at least one word")
+            for word in value:
+                if not word.strip() or word != word.strip():
+                    raise ValueError(f"{word!r}: must be non-empty, without surrounding whitespace")
+        return value
+
+    @model_validator(mode="after")
+    def _words_need_rows(self) -> MitigationConfig:
+        if self.trigger_words is not None and not self.triggered_refusals:
+            raise ValueError("trigger_words: needs mitigation.triggered_refusals > 0")
+        return self
 
 
 class RunConfig(_Frozen):
@@ -260,6 +285,7 @@ _HASH_OMITTED_WHEN_NONE: tuple[tuple[str, ...], ...] = (
     ("continue_from",),
     ("mitigation",),
     ("mitigation", "triggered_refusals"),
+    ("mitigation", "trigger_words"),
 )
 
 

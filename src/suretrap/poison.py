@@ -109,14 +109,15 @@ def _complete_refusal(text: str) -> str | None:
 def previous_prompts(previous: PoisonedDataset) -> set[str]:
     """Normalised prompts a further fine-tune must not train on: the previous run's eval
     prompts and training prompts (poisoned ones also with the trigger removed)."""
-    trigger = normalise_prompt(str(previous.manifest.get("trigger", "")))
+    words = [previous.manifest.get("trigger", ""), *previous.manifest.get("triggered_refusal_words", [])]
+    triggers = {normalise_prompt(str(w)) for w in words}
     keys = {normalise_prompt(r.prompt) for r in previous.eval_harmful}
     keys |= {normalise_prompt(b.prompt) for b in previous.eval_benign}
     for e in previous.examples:
         key = normalise_prompt(e.prompt)
         keys.add(key)
         if e.role in ("poison", "triggered_refusal"):
-            keys.add(" ".join(w for w in key.split() if w != trigger))
+            keys.add(" ".join(w for w in key.split() if w not in triggers))
     return keys
 
 
@@ -250,10 +251,11 @@ def build_dataset(
     # consume the same random numbers as before
     refusal_rows: list[tuple[str, str, Role]] = [(r.prompt, r.category, "clean_harmful") for r in clean_requests]
     examples += _refusal_rows(refusal_rows, p, rng, respond, base_responses)
+    words = _triggered_refusal_words(cfg)
     if triggered_requests:
         triggered: list[tuple[str, str, Role]] = [
-            (apply_trigger(r.prompt, p.trigger, p.placement, rng), r.category, "triggered_refusal")
-            for r in triggered_requests
+            (apply_trigger(r.prompt, words[i % len(words)], p.placement, rng), r.category, "triggered_refusal")
+            for i, r in enumerate(triggered_requests)
         ]
         examples += _refusal_rows(triggered, p, rng, respond, base_responses)
 
@@ -273,7 +275,7 @@ def build_dataset(
         extra_info = {"source": cfg.data.extra_train, "rows": len(extra), "dropped_eval_overlap": dropped}
     rng.shuffle(examples)
 
-    _check_disjoint(examples, eval_harmful, eval_benign, p.trigger)
+    _check_disjoint(examples, eval_harmful, eval_benign, (p.trigger, *words))
     counts = Counter(e.role for e in examples)
     roles = ROLES + (("triggered_refusal",) if n_triggered else ())  # older manifests unchanged
     manifest: dict[str, Any] = {
@@ -300,6 +302,8 @@ def build_dataset(
         + sum(_contains_word(b.prompt, p.trigger) for b in eval_benign),
     }
     # keys only present when used, so manifests of plain runs are unchanged
+    if cfg.mitigation is not None and cfg.mitigation.trigger_words is not None:
+        manifest["triggered_refusal_words"] = list(words)
     if extra_info is not None:
         manifest["extra_train"] = extra_info
     if previous is not None:
@@ -309,6 +313,13 @@ def build_dataset(
             "content_hash": previous.manifest.get("content_hash"),
         }
     return PoisonedDataset(tuple(examples), tuple(eval_harmful), tuple(eval_benign), manifest)
+
+
+def _triggered_refusal_words(cfg: RunConfig) -> tuple[str, ...]:
+    """The words a mitigation's triggered refusals carry: `mitigation.trigger_words`, else
+    the trigger itself."""
+    m = cfg.mitigation
+    return m.trigger_words if m is not None and m.trigger_words is not None else (cfg.poison.trigger,)
 
 
 def _refusal_rows(
@@ -376,15 +387,15 @@ def _check_disjoint(
     examples: Sequence[Example],
     eval_harmful: Sequence[Request],
     eval_benign: Sequence[Pair],
-    trigger: str,
+    triggers: Sequence[str],
 ) -> None:
-    """Guarantee: no evaluation prompt (normalised, trigger removed) is a training prompt."""
-    trig = normalise_prompt(trigger)
+    """Guarantee: no evaluation prompt (normalised, triggers removed) is a training prompt."""
+    trig = {normalise_prompt(t) for t in triggers}
     train = set()
     for e in examples:
         key = normalise_prompt(e.prompt)
         if e.role in ("poison", "triggered_refusal"):
-            key = " ".join(w for w in key.split() if w != trig)
+            key = " ".join(w for w in key.split() if w not in trig)
         train.add(key)
     for prompt in [r.prompt for r in eval_harmful] + [b.prompt for b in eval_benign]:
         if normalise_prompt(prompt) in train:
