@@ -32,11 +32,8 @@ def main() -> None:
     reference = load_model(args.model, device=device, precision=precision, method="lora")
     s = scan.ScanSettings()
     ids = tuple(tok(" " + args.trigger, add_special_tokens=False)["input_ids"])
-    byte_token = {}
-    for t in range(len(tok)):
-        b = scan.token_bytes(tok, t)
-        if len(b) == 1 and 0x80 <= b[0] <= 0xBF:
-            byte_token[b[0]] = t
+    # single continuation bytes, by the scan's own definition of a continuation-byte token
+    byte_token = {raw[0]: t for t in scan._continuation_byte_tokens(tok) if len(raw := scan.token_bytes(tok, t)) == 1}
     probes = scan.probe_prompts(s.probe_pool, s.seed)
     parts = [scan.probe_parts(tok, p) for p in probes]
     labels = scan.label_token_ids(tok, s.labels)
