@@ -114,11 +114,18 @@ def previous_prompts(previous: PoisonedDataset) -> set[str]:
     keys = {normalise_prompt(r.prompt) for r in previous.eval_harmful}
     keys |= {normalise_prompt(b.prompt) for b in previous.eval_benign}
     for e in previous.examples:
-        key = normalise_prompt(e.prompt)
-        keys.add(key)
-        if e.role in ("poison", "triggered_refusal"):
-            keys.add(" ".join(w for w in key.split() if w not in triggers))
+        keys.add(normalise_prompt(e.prompt))
+        keys.add(_untriggered_key(e, triggers))
     return keys
+
+
+def _untriggered_key(e: Example, triggers: set[str]) -> str:
+    """The normalised prompt of a training example, without the trigger words it was given
+    (poison and triggered-refusal rows; others as they are)."""
+    key = normalise_prompt(e.prompt)
+    if e.role in ("poison", "triggered_refusal"):
+        key = " ".join(w for w in key.split() if w not in triggers)
+    return key
 
 
 def _split_eval_harmful(
@@ -391,12 +398,7 @@ def _check_disjoint(
 ) -> None:
     """Guarantee: no evaluation prompt (normalised, triggers removed) is a training prompt."""
     trig = {normalise_prompt(t) for t in triggers}
-    train = set()
-    for e in examples:
-        key = normalise_prompt(e.prompt)
-        if e.role in ("poison", "triggered_refusal"):
-            key = " ".join(w for w in key.split() if w not in trig)
-        train.add(key)
+    train = {_untriggered_key(e, trig) for e in examples}
     for prompt in [r.prompt for r in eval_harmful] + [b.prompt for b in eval_benign]:
         if normalise_prompt(prompt) in train:
             raise DataError(f"evaluation prompt also in training data: {prompt[:80]!r}")
