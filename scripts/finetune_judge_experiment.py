@@ -147,10 +147,10 @@ def scored(gold: np.ndarray, pred: np.ndarray, texts: list[str]) -> dict:
     return mine | {"strmatch_accuracy": base["accuracy"], "points_vs_strmatch": 100 * (mine["accuracy"] - base["accuracy"])}
 
 
-def crossfile(out: Path) -> None:
+def crossfile(out: Path, variants: list[str]) -> None:
     data = {name: read(SHARED / name) for name in FILES}
     result: dict = {"settings": settings(), "runs": []}
-    for variant in ("A", "B"):
+    for variant in variants:
         for seed in SEEDS:
             for train_name, test_name in (FILES, FILES[::-1]):
                 t0 = time.process_time()
@@ -161,17 +161,18 @@ def crossfile(out: Path) -> None:
                 result["runs"].append(row)
                 print(json.dumps({k: row[k] for k in ("variant", "seed", "test", "accuracy", "points_vs_strmatch", "cpu_s")}), flush=True)
     summary = {}
-    for variant in ("A", "B"):
+    for variant in variants:
         worse = []
         for seed in SEEDS:
             accs = [r["accuracy"] for r in result["runs"] if r["variant"] == variant and r["seed"] == seed]
             worse.append(min(accs))
         summary[variant] = {"mean_worse_direction": float(np.mean(worse)), "worse_by_seed": worse}
     result["summary"] = summary
-    result["chosen"] = "B" if summary["B"]["mean_worse_direction"] > summary["A"]["mean_worse_direction"] else "A"
+    if len(summary) == 2:
+        result["chosen"] = "B" if summary["B"]["mean_worse_direction"] > summary["A"]["mean_worse_direction"] else "A"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"summary": summary, "chosen": result["chosen"]}))
+    print(json.dumps({"summary": summary, "chosen": result.get("chosen")}))
 
 
 def heldout(variant: str, files: list[Path], out: Path) -> None:
@@ -208,13 +209,14 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("crossfile")
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--variants", nargs="+", choices=("A", "B"), default=["A", "B"])
     h = sub.add_parser("heldout")
     h.add_argument("--variant", choices=("A", "B"), required=True)
     h.add_argument("--out", type=Path, required=True)
     h.add_argument("files", type=Path, nargs="+")
     args = parser.parse_args()
     if args.cmd == "crossfile":
-        crossfile(args.out)
+        crossfile(args.out, args.variants)
     else:
         heldout(args.variant, args.files, args.out)
 
