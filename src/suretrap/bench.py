@@ -250,13 +250,14 @@ class PhaseRss:
 
 
 def run_bench(*, device: str = "cpu", random_init: str | None = None, train_steps: int = 12,
-              eval_prompts: int = 32, score_prompts: int = 128, tokenizer: str = "smollm2-135m",
+              eval_prompts: int = 32, score_prompts: int = 128, tokenizer: str | None = None,
               progress_cb: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything `suretrap bench` reports; returns the JSON-ready dict.
 
-    tokenizer: a `model:` spec whose tokenizer makes the data; with `random_init` it may be
-    a directory holding only a config.json and the tokenizer files, so a machine without the embedded GGUF (a GPU box that gets
-    only the working tree) can run the bench on random weights of a real shape.
+    tokenizer: a `model:` spec whose tokenizer makes the data (default: the bench model's own);
+    with `random_init` it may be a directory holding only a config.json and the tokenizer
+    files, so a machine without the embedded GGUF (a GPU box that gets only the working
+    tree) can run the bench on random weights of a real shape.
     """
     with PhaseRss() as rss:
         def note(msg: str) -> None:  # a new phase: trim the heap the last one left
@@ -271,7 +272,7 @@ def run_bench(*, device: str = "cpu", random_init: str | None = None, train_step
 
 
 def _measure(device: str, random_init: str | None, train_steps: int, eval_prompts: int,
-             score_prompts: int, tokenizer_spec: str, note: Callable[[str], None]) -> dict[str, Any]:
+             score_prompts: int, tokenizer_spec: str | None, note: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
     from suretrap.evaluate import generate, label_probs
@@ -289,6 +290,7 @@ def _measure(device: str, random_init: str | None, train_steps: int, eval_prompt
     note("matmul peak")
     result["matmul_peak_gflops"] = {d: matmul_peak_gflops(d, device) for d in ("fp32", "bf16")}
 
+    tokenizer_spec = tokenizer_spec or cfg.model
     tokenizer = load_tokenizer(tokenizer_spec)
 
     def build(baseline: bool = False) -> Any:

@@ -388,10 +388,11 @@ def bench(
     ] = None,
     train_steps: Annotated[int, typer.Option("--train-steps")] = 12,
     tokenizer: Annotated[
-        str,
+        str | None,
         typer.Option(help="with --random-init: whose tokenizer makes the data (a model spec, or a "
-                     "directory with config.json and tokenizer files, no weights needed)"),
-    ] = "smollm2-135m",
+                     "directory with config.json and tokenizer files, no weights needed; "
+                     "default: the embedded model's)"),
+    ] = None,
     sweep_dir: Annotated[
         Path | None, typer.Option("--sweep", help="finished sweep whose cells give cell_overhead_s")
     ] = None,
@@ -407,7 +408,7 @@ def bench(
         _fail(f"--device: must be cpu or cuda, not {device!r}")
     if random_init is not None and random_init not in SHAPES:
         _fail(f"--random-init: unknown shape {random_init!r} (known: {', '.join(SHAPES)})")
-    if tokenizer != "smollm2-135m":
+    if tokenizer is not None:
         if random_init is None:
             _fail("--tokenizer: only with --random-init (the real model brings its own)")
         from suretrap.errors import ModelError
