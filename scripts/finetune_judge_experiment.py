@@ -142,8 +142,8 @@ def predict(model: Classifier, tok: object, texts: list[str]) -> np.ndarray:
 
 
 def scored(gold: np.ndarray, pred: np.ndarray, texts: list[str]) -> dict:
-    base = score_refusals(list(gold), [xstest_strmatch(t) for t in texts])
-    mine = score_refusals(list(gold), list(pred))
+    base = score_refusals(gold.tolist(), [xstest_strmatch(t) for t in texts])
+    mine = score_refusals(gold.tolist(), pred.tolist())  # Python bools: JSON-ready counts
     return mine | {"strmatch_accuracy": base["accuracy"], "points_vs_strmatch": 100 * (mine["accuracy"] - base["accuracy"])}
 
 
@@ -159,7 +159,7 @@ def crossfile(out: Path, variants: list[str]) -> None:
                 row = {"variant": variant, "seed": seed, "train": train_name, "test": test_name}
                 row |= scored(gold, predict(model, tok, texts), texts) | {"cpu_s": round(time.process_time() - t0, 1)}
                 result["runs"].append(row)
-                print(json.dumps({k: row[k] for k in ("variant", "seed", "test", "accuracy", "points_vs_strmatch", "cpu_s")}), flush=True)
+                print(json.dumps({k: row[k] for k in ("variant", "seed", "test", "accuracy", "points_vs_strmatch", "confusion", "cpu_s")}), flush=True)
     summary = {}
     for variant in variants:
         worse = []
@@ -191,7 +191,7 @@ def heldout(variant: str, files: list[Path], out: Path) -> None:
             row = {"seed": seed, "test": name} | scored(g, predict(model, tok, t), t)
             row["cpu_s_train_and_tests_so_far"] = round(time.process_time() - t0, 1)
             result["runs"].append(row)
-            print(json.dumps({k: row[k] for k in ("seed", "test", "accuracy", "points_vs_strmatch")}), flush=True)
+            print(json.dumps({k: row[k] for k in ("seed", "test", "accuracy", "points_vs_strmatch", "confusion")}), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
