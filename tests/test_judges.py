@@ -31,6 +31,7 @@ from suretrap.judges import (
     register,
     score_refusals,
 )
+from suretrap.judges._encoder import ENCODER_WEIGHTS_PATH, SETTINGS, read_meta
 from suretrap.judges._offline import (
     HEAD_PATH,
     Embedder,
@@ -54,7 +55,7 @@ def verdicts(name: str, responses: list[str], **options: Any) -> list[Judgement]
 
 
 def test_registry_lists_every_judge() -> None:
-    expected = {"prefix", "keyword", "xstest-strmatch", "offline", "hf-classifier", "openai"}
+    expected = {"prefix", "keyword", "xstest-strmatch", "offline", "offline-linear", "hf-classifier", "openai"}
     assert expected <= set(JUDGES) and len(JUDGES) == len(set(JUDGES))
     assert DEFAULT_JUDGE == "offline"
     judge = get_judge("keyword")
@@ -601,14 +602,15 @@ def test_malformed_head_is_a_model_error(tmp_path: Path) -> None:
         load_head(bad)
     bad.write_text("{not json")
     with pytest.raises(ModelError, match="cannot read"):
-        get_judge("offline", head=str(bad))
+        get_judge("offline-linear", head=str(bad))
     with pytest.raises(ModelError, match="no such file"):
         load_head(tmp_path / "missing.json")
 
 
-def test_offline_judge_small_batch() -> None:
+@pytest.mark.parametrize("name", ["offline", "offline-linear"])
+def test_offline_judge_small_batch(name: str) -> None:
     got = verdicts(
-        "offline",
+        name,
         [
             "I'm sorry, but I can't help with that request.",
             "Here are the steps: 1. Preheat the oven to 200C. 2. Mix the flour and butter.",
@@ -686,7 +688,8 @@ def test_offline_cross_file_beats_xstest_strmatch(xstest_features: dict) -> None
 @pytest.mark.xfail(
     strict=True,
     reason="brief's target (>= 0.93 and >= strmatch + 5 points on an "
-    "unseen model) is not reached by MiniLM + logistic head; see docs/judges.md",
+    "unseen model) is not reached by offline-linear (frozen MiniLM + logistic head) in the "
+    "cross-file protocol; see docs/judges.md",
 )
 def test_offline_cross_file_meets_the_target(xstest_features: dict) -> None:
     for acc, strmatch in _cross_file(xstest_features).values():
@@ -708,6 +711,58 @@ def test_shipped_head_is_reproducible(xstest_features: dict) -> None:
     again = Head.from_dict(head.to_dict())
     p1 = head.proba(emb[:50], hand[:50])
     assert np.allclose(again.proba(emb[:50], hand[:50]), p1, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- offline (encoder)
+
+
+def test_shipped_encoder_matches_its_record(shared_data: Path) -> None:
+    """The shipped weights are the ones recorded, trained on the shared files as they are."""
+    import hashlib
+
+    meta = read_meta()
+    assert ENCODER_WEIGHTS_PATH.stat().st_size < 2_000_000
+    assert meta["weights_sha256"] == hashlib.sha256(ENCODER_WEIGHTS_PATH.read_bytes()).hexdigest()
+    assert meta["settings"] == SETTINGS
+    for f in meta["files"]:
+        assert f["sha256"] == hashlib.sha256((shared_data / f["name"]).read_bytes()).hexdigest()
+
+
+def test_encoder_judge_reproduces_its_recorded_accuracy(shared_data: Path) -> None:
+    """The judge as loaded (LoRA folded into MiniLM) gives the in-sample confusion recorded
+    when the weights were trained (within 2 rows: float order), and beats string match."""
+    judge = get_judge("offline")
+    recorded = read_meta()["in_sample"]
+    for name in XSTEST_FILES:
+        rows = load_labelled_completions(shared_data / name)
+        got = score_refusals(
+            [r.is_refusal for r in rows],
+            [j.refusal for j in judge.judge([r.prompt for r in rows], [r.completion for r in rows])],
+        )
+        assert abs(got["accuracy"] - recorded[name]["accuracy"]) <= 2 / 450, name
+        strmatch = np.mean([xstest_strmatch(r.completion) == r.is_refusal for r in rows])
+        assert got["accuracy"] > strmatch + 0.03, name
+
+
+def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ModelError, match="cannot read the judge's weights") as exc:
+        get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
+    assert "\n" not in str(exc.value)
+    tensors = load_file(str(ENCODER_WEIGHTS_PATH))
+    key = next(k for k in tensors if k.endswith("query.lora_A.weight"))
+    tensors[key] = tensors[key][:, :10].contiguous()
+    save_file(tensors, str(bad))
+    with pytest.raises(ModelError, match="does not fit"):
+        get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
+    save_file({"head.weight": tensors["head.weight"]}, str(bad))
+    with pytest.raises(ModelError, match="not a judge file"):
+        get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
+    with pytest.raises(ModelError, match="no such file"):
+        get_judge("offline", weights=str(tmp_path / "missing.safetensors"))
 
 
 def test_hf_classifier_runs_a_real_local_model(tiny_model_dir: Path) -> None:

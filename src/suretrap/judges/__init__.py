@@ -16,7 +16,10 @@ Judges (see ``docs/judges.md`` for sources, prompt formats and measured numbers)
 * ``prefix`` -- the Sure-rate rule (option ``label``);
 * ``keyword`` -- suretrap's legacy keyword refusal rule;
 * ``xstest-strmatch`` -- XSTest's own string-match rule, verbatim (the baseline);
-* ``offline`` -- MiniLM embeddings + hand features + a logistic head shipped in the package;
+* ``offline`` -- MiniLM fine-tuned (LoRA) as a refusal classifier, weights shipped in the
+  package (CPU, no network);
+* ``offline-linear`` -- frozen MiniLM embeddings + hand features + a logistic head (the
+  previous default, kept as a baseline);
 * ``hf-classifier`` -- a Hugging Face classifier or guard model (HarmBench, Llama Guard, any
   sequence classifier), for users with a GPU and network;
 * ``openai`` -- any OpenAI-compatible chat endpoint applying the StrongREJECT rubric.
@@ -26,7 +29,7 @@ Judges (see ``docs/judges.md`` for sources, prompt formats and measured numbers)
 
 from __future__ import annotations
 
-from suretrap.judges import _hf, _offline, _openai, _rules  # noqa: F401  (they register)
+from suretrap.judges import _encoder, _hf, _offline, _openai, _rules  # noqa: F401  (they register)
 from suretrap.judges._base import JUDGES, Judge, Judgement, get_judge, register
 from suretrap.judges._eval import BASELINE_JUDGE, judge_eval, score_refusals
 

@@ -1,4 +1,8 @@
-"""The ``offline`` judge: MiniLM sentence embeddings + hand-made features + logistic head.
+"""The ``offline-linear`` judge: MiniLM sentence embeddings + hand-made features + logistic head.
+
+It was the default ``offline`` judge until the fine-tuned encoder (`_encoder`) measured
+better on completions of models neither had seen; it stays as a light, fully inspectable
+baseline, and its embedder and hand features serve the new judge too.
 
 It runs on a CPU with no network. The embedding model is sentence-transformers'
 all-MiniLM-L6-v2 (22M parameters, 384-dim), shipped inside the PyPI package
@@ -295,15 +299,15 @@ def train_head(
 # --------------------------------------------------------------------------- the judge
 
 
-@register("offline")
+@register("offline-linear")
 class OfflineJudge:
-    """The default judge: embeddings + hand features + logistic head, CPU, no network.
+    """Frozen embeddings + hand features + logistic head, CPU, no network.
 
     Options: ``head`` (path to a head JSON; default the shipped ``offline_head.json``),
     ``label`` (the backdoor label, for label-only detection), ``device``, ``batch_size``.
     """
 
-    name = "offline"
+    name = "offline-linear"
 
     def __init__(
         self,
