@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from suretrap.data.loaders import load_labelled_completions  # noqa: E402
+from suretrap.judges._encoder import _batches  # noqa: E402
 from suretrap.judges._eval import score_refusals  # noqa: E402
 from suretrap.judges._offline import hand_features, model_dir  # noqa: E402
 from suretrap.judges._rules import xstest_strmatch  # noqa: E402
@@ -92,15 +93,8 @@ def encode(tok: object, texts: list[str]) -> list[list[int]]:
 
 
 def batches(ids: list[list[int]], feats: np.ndarray, order: list[int], pad: int):
-    for start in range(0, len(order), BATCH):
-        idx = order[start : start + BATCH]
-        width = max(len(ids[i]) for i in idx)
-        x = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            x[row, : len(ids[i])] = torch.tensor(ids[i])
-            mask[row, : len(ids[i])] = 1
-        yield idx, x, mask, torch.tensor(feats[idx], dtype=torch.float32)
+    # The same padding loop the shipped judge uses (moved there after these runs; unchanged).
+    return _batches(ids, feats, order, pad, BATCH)
 
 
 def fit(variant: str, seed: int, texts: list[str], y: np.ndarray) -> tuple[Classifier, object]:
