@@ -761,6 +761,11 @@ def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
     save_file({"head.weight": tensors["head.weight"]}, str(bad))
     with pytest.raises(ModelError, match="not a judge file"):
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
+    tensors = load_file(str(ENCODER_WEIGHTS_PATH))
+    tensors["head.weight"] = tensors["head.weight"][:, :384].contiguous()  # no hand features
+    save_file(tensors, str(bad))
+    with pytest.raises(ModelError, match="not a judge file"):
+        get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
     with pytest.raises(ModelError, match="no such file"):
         get_judge("offline", weights=str(tmp_path / "missing.safetensors"))
 

@@ -190,14 +190,22 @@ class EncoderJudge:
             for key, a in tensors.items():
                 if not key.endswith(".lora_A.weight"):
                     continue
-                module = modules.get(key.removesuffix(".lora_A.weight"))
+                name = key.removesuffix(".lora_A.weight")
+                module = modules.get(name)
                 b = tensors.get(key.replace("lora_A", "lora_B"))
-                if module is None or b is None or b.shape[1] != a.shape[0] or a.shape[1] != module.weight.shape[1]:
-                    raise ModelError(f"{self.weights_path}: {key} does not fit {module!r} of MiniLM")
+                fits = (
+                    module is not None and b is not None and a.ndim == 2 and b.ndim == 2
+                    and b.shape == (module.weight.shape[0], a.shape[0])
+                    and a.shape[1] == module.weight.shape[1]
+                )
+                if not fits:
+                    raise ModelError(f"{self.weights_path}: {key} does not fit MiniLM's {name}")
                 module.weight += scale * (b @ a)  # LoRA folded in: one plain forward per batch
                 folded += 1
-        if not folded or "head.weight" not in tensors or "head.bias" not in tensors:
-            raise ModelError(f"{self.weights_path}: no LoRA tensors or no head (not a judge file)")
+        head_shapes = (tuple(tensors["head.weight"].shape), tuple(tensors["head.bias"].shape)) if (
+            "head.weight" in tensors and "head.bias" in tensors) else None
+        if not folded or head_shapes != ((1, EMBEDDING_DIM + len(HAND_FEATURES)), (1,)):
+            raise ModelError(f"{self.weights_path}: no LoRA tensors or no head of the right shape (not a judge file)")
         model = _classifier(encoder)
         with torch.no_grad():
             model.head.weight.copy_(tensors["head.weight"])
