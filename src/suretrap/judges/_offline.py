@@ -89,6 +89,16 @@ def model_dir() -> Path:
     return path
 
 
+def load_minilm() -> tuple[Any, Any]:
+    """(tokenizer, AutoModel) of the bundled MiniLM, from its local directory."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = model_dir()
+    # A local directory: nothing is fetched, HF_HUB_OFFLINE=1 or not.
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return tokenizer, AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+
+
 class Embedder:
     """Batched mean-pooled, L2-normalised MiniLM embeddings (loaded on first use)."""
 
@@ -99,14 +109,8 @@ class Embedder:
         self._model: Any = None
 
     def _load(self) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        path = model_dir()
-        # A local directory: nothing is fetched, HF_HUB_OFFLINE=1 or not.
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._model = AutoModel.from_pretrained(
-            path, local_files_only=True, use_safetensors=True
-        ).to(self.device)
+        self._tokenizer, model = load_minilm()
+        self._model = model.to(self.device)
         self._model.eval()
 
     def embed(self, texts: Sequence[str], max_length: int) -> np.ndarray:
