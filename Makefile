@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The offline judge's weights are built, not tracked: trained once per machine from the
-# XSTest labelled completions into suretrap's cache (~5 min on 2 cores; a no-op afterwards).
+# XSTest labelled completions into suretrap's cache (3 seeds, ~15 min on 2 cores; a no-op afterwards).
 setup: $(STAMP)
 	$(PY) scripts/train_offline_encoder.py
 

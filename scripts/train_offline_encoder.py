@@ -2,9 +2,9 @@
 
 The weights are not tracked in git. `make setup` runs this once per machine (a no-op when
 the cache already has them): `suretrap.judges._encoder.build_weights` trains on both XSTest
-human-labelled completion files (seed 0, the fixed settings in ``_encoder.SETTINGS``, two
-torch threads: the build measured in docs/judges.md; about 5 minutes on 2 idle cores) and
-prints the in-sample accuracy next to the recorded one.
+human-labelled completion files (seeds 0, 1, 2, the fixed settings in ``_encoder.SETTINGS``,
+two torch threads: the build measured in docs/judges.md; about 5 minutes per seed on 2 idle
+cores) and prints the in-sample accuracy next to the recorded one.
 
     .venv/bin/python scripts/train_offline_encoder.py [--data DIR] [--force]
     .venv/bin/python scripts/train_offline_encoder.py --record   # maintainers: rewrite offline_encoder.json

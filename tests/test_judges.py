@@ -31,7 +31,7 @@ from suretrap.judges import (
     register,
     score_refusals,
 )
-from suretrap.judges._encoder import SETTINGS, read_meta, weights_path
+from suretrap.judges._encoder import SEEDS, SETTINGS, read_meta, weights_path
 from suretrap.judges._offline import (
     HEAD_PATH,
     Embedder,
@@ -721,8 +721,9 @@ def test_built_encoder_matches_its_record(shared_data: Path) -> None:
     import hashlib
 
     meta = read_meta()
-    assert weights_path().stat().st_size < 2_000_000  # built by `make setup`
+    assert weights_path().stat().st_size < 5_000_000  # built by `make setup`
     assert meta["settings"] == SETTINGS
+    assert meta["seeds"] == list(SEEDS)
     for f in meta["files"]:
         assert f["sha256"] == hashlib.sha256((shared_data / f["name"]).read_bytes()).hexdigest()
 
@@ -743,6 +744,24 @@ def test_encoder_judge_reproduces_its_recorded_accuracy(shared_data: Path) -> No
         assert got["accuracy"] > strmatch + 0.03, name
 
 
+def test_encoder_judge_is_the_mean_of_its_members(tmp_path: Path, shared_data: Path) -> None:
+    """The built file holds one classifier per seed; the judge's P(refusal) is their mean, and
+    a file with one member's tensors (unprefixed, as `finetune` returns them) is a judge too."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights_path()))
+    texts = [r.completion for r in load_labelled_completions(shared_data / XSTEST_FILES[0])][:60]
+    probs = []
+    for seed in SEEDS:
+        prefix = f"seed{seed}."
+        member = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        assert member, prefix
+        save_file(member, str(tmp_path / f"{seed}.safetensors"))
+        probs.append(get_judge("offline", weights=str(tmp_path / f"{seed}.safetensors")).proba(texts))
+    assert not np.allclose(probs[0], probs[1], atol=1e-3)  # the members differ
+    assert np.allclose(get_judge("offline").proba(texts), np.mean(probs, axis=0), atol=1e-5)
+
+
 def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -757,13 +776,18 @@ def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
     save_file(tensors, str(bad))
     with pytest.raises(ModelError, match="does not fit"):
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
-    save_file({"head.weight": tensors["head.weight"]}, str(bad))
+    save_file({"seed0.head.weight": tensors["seed0.head.weight"]}, str(bad))
     with pytest.raises(ModelError, match="not a judge file"):
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
     tensors = load_file(str(weights_path()))
-    tensors["head.weight"] = tensors["head.weight"][:, :384].contiguous()  # no hand features
+    tensors["seed2.head.weight"] = tensors["seed2.head.weight"][:, :384].contiguous()  # no hand features
     save_file(tensors, str(bad))
-    with pytest.raises(ModelError, match="not a judge file"):
+    with pytest.raises(ModelError, match="seed2. has no LoRA tensors or no head"):
+        get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
+    tensors = load_file(str(weights_path()))
+    tensors["head.bias"] = tensors["seed0.head.bias"].clone()  # a tensor outside the seed groups
+    save_file(tensors, str(bad))
+    with pytest.raises(ModelError, match="mixes seed-prefixed and unprefixed"):
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
     with pytest.raises(ModelError, match="no such file"):
         get_judge("offline", weights=str(tmp_path / "missing.safetensors"))
