@@ -763,6 +763,7 @@ def test_encoder_judge_is_the_mean_of_its_members(tmp_path: Path, shared_data: P
 
 
 def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
+    import torch
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "w.safetensors"
@@ -789,6 +790,17 @@ def test_encoder_weights_errors_are_one_line(tmp_path: Path) -> None:
     save_file(tensors, str(bad))
     with pytest.raises(ModelError, match="mixes seed-prefixed and unprefixed"):
         get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
+    save_file({}, str(bad))
+    with pytest.raises(ModelError, match="holds no tensors"):
+        get_judge("offline", weights=str(bad)).judge(["p"], ["r"])
+    # a member that fails to load leaves no part-ensemble behind: asking again fails again
+    tensors = load_file(str(weights_path()))
+    tensors["seed1.head.bias"] = torch.zeros(2)
+    save_file(tensors, str(bad))
+    judge = get_judge("offline", weights=str(bad))
+    for _ in range(2):
+        with pytest.raises(ModelError, match="seed1. has no LoRA tensors or no head"):
+            judge.judge(["p"], ["r"])
     with pytest.raises(ModelError, match="no such file"):
         get_judge("offline", weights=str(tmp_path / "missing.safetensors"))
 

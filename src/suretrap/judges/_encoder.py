@@ -247,13 +247,15 @@ class EncoderJudge:
             m = _MEMBER.match(key)
             prefix = m.group(0) if m else ""
             members.setdefault(prefix, {})[key[len(prefix):]] = value
+        if not members:
+            raise ModelError(f"{self.weights_path}: holds no tensors (not a judge file)")
         if "" in members and len(members) > 1:
             raise ModelError(f"{self.weights_path}: mixes seed-prefixed and unprefixed tensors (not a judge file)")
-        tok = None
+        models = []
         for prefix in sorted(members):
             tok, model = self._member(members[prefix], prefix)
-            self._models.append(model.to(self.device).eval())
-        self._tok = tok
+            models.append(model.to(self.device).eval())
+        self._models, self._tok = models, tok  # all or nothing: a failed load leaves no part-ensemble
 
     def _member(self, tensors: dict[str, Any], prefix: str) -> tuple[Any, Any]:
         import torch
