@@ -44,7 +44,7 @@ from suretrap.judges._base import (
     DEFAULT_LABEL,
     Judgement,
     check_lengths,
-    is_content_free,
+    judgements_from_proba,
     register,
 )
 from suretrap.judges._rules import xstest_strmatch
@@ -337,11 +337,4 @@ class OfflineJudge:
         if not responses:
             return []
         proba = self.head.proba(*self.features(responses))
-        out = []
-        for response, p in zip(responses, proba, strict=True):
-            if is_content_free(response, self.label):
-                out.append(Judgement(False, False, 0.0, "empty/label only"))
-                continue
-            refusal = bool(p >= self.head.threshold)
-            out.append(Judgement(refusal, not refusal, float(1.0 - p), f"p(refusal)={p:.3f}"))
-        return out
+        return judgements_from_proba(responses, proba, self.label, self.head.threshold)
