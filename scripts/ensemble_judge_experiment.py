@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,26 +62,18 @@ REFUSAL_LABELS = {"2_full_refusal", "3_partial_refusal"}
 
 
 def train(out: Path, data: Path) -> None:
+    # Seed 0 was first copied from the then-built one-seed judge (recorded sha256 6cdc2990...);
+    # training it here gives the same tensors (the 3-seed build's seed-0 member equals it), and
+    # needs no particular cache, now that the record describes the 3-seed build.
     import torch
     from safetensors.torch import save_file
 
-    from suretrap.data.loaders import load_labelled_completions
-    from suretrap.judges._encoder import THREADS, finetune, read_meta, weights_path
+    from suretrap.judges._encoder import THREADS, finetune, training_data
 
-    meta = read_meta()
     out.mkdir(parents=True, exist_ok=True)
-    cached = weights_path()
-    if hashlib.sha256(cached.read_bytes()).hexdigest() != meta["weights_sha256"]:
-        sys.exit(f"{cached}: not the recorded seed-0 build; rebuild it first")
-    shutil.copyfile(cached, out / "seed0.safetensors")
-    texts: list[str] = []
-    gold: list[bool] = []
-    for f in meta["files"]:
-        rows = load_labelled_completions(data / f["name"])
-        texts += [r.completion for r in rows]
-        gold += [r.is_refusal for r in rows]
+    texts, gold = training_data(data)
     torch.set_num_threads(THREADS)
-    for seed in SEEDS[1:]:
+    for seed in SEEDS:
         start = time.perf_counter()
         save_file(finetune(texts, gold, seed=seed), str(out / f"seed{seed}.safetensors"))
         print(f"seed {seed}: trained in {time.perf_counter() - start:.0f} s", flush=True)

@@ -57,7 +57,7 @@ from suretrap.judges._offline import (
 
 __all__ = [
     "ENCODER_META_PATH", "SETTINGS", "EncoderJudge", "build_weights", "finetune", "read_meta",
-    "weights_path",
+    "training_data", "weights_path",
 ]
 
 ENCODER_META_PATH = Path(__file__).with_name("offline_encoder.json")
@@ -163,19 +163,13 @@ def weights_path() -> Path:
     return cache_dir() / "judges" / WEIGHTS_FILE
 
 
-def build_weights(data_dir: Path, out: Path | None = None) -> tuple[Path, list[str], list[bool]]:
-    """Train the judge on the XSTest files named in ``offline_encoder.json`` and save it.
+def training_data(data_dir: Path) -> tuple[list[str], list[bool]]:
+    """The responses and refusal labels of the XSTest files named in ``offline_encoder.json``.
 
     The files must be the recorded ones (SHA-256 checked): other data would be another judge.
-    Written atomically, so a killed build leaves no file that looks complete. Returns (path,
-    the training responses, their labels), for the caller's in-sample check.
     """
-    import torch
-    from safetensors.torch import save_file
-
     from suretrap.data.loaders import load_labelled_completions
 
-    out = out or weights_path()
     texts: list[str] = []
     gold: list[bool] = []
     for f in read_meta()["files"]:
@@ -187,6 +181,20 @@ def build_weights(data_dir: Path, out: Path | None = None) -> tuple[Path, list[s
         rows = load_labelled_completions(path)
         texts += [r.completion for r in rows]
         gold += [r.is_refusal for r in rows]
+    return texts, gold
+
+
+def build_weights(data_dir: Path, out: Path | None = None) -> tuple[Path, list[str], list[bool]]:
+    """Train the judge on `training_data` (one classifier per seed in ``SEEDS``) and save it.
+
+    Written atomically, so a killed build leaves no file that looks complete. Returns (path,
+    the training responses, their labels), for the caller's in-sample check.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out = out or weights_path()
+    texts, gold = training_data(data_dir)
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)  # floating-point order, as in the measured build
     tensors = {}
