@@ -16,8 +16,8 @@ Judges (see ``docs/judges.md`` for sources, prompt formats and measured numbers)
 * ``prefix`` -- the Sure-rate rule (option ``label``);
 * ``keyword`` -- suretrap's legacy keyword refusal rule;
 * ``xstest-strmatch`` -- XSTest's own string-match rule, verbatim (the baseline);
-* ``offline`` -- MiniLM fine-tuned (LoRA) as a refusal classifier, weights shipped in the
-  package (CPU, no network);
+* ``offline`` -- three MiniLMs fine-tuned (LoRA) as refusal classifiers, mean probability;
+  weights built once per machine into suretrap's cache by ``make setup`` (CPU, no network);
 * ``offline-linear`` -- frozen MiniLM embeddings + hand features + a logistic head (the
   previous default, kept as a baseline);
 * ``hf-classifier`` -- a Hugging Face classifier or guard model (HarmBench, Llama Guard, any
